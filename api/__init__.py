@@ -1,0 +1,1 @@
+"""mailwarden api (built in a later issue)."""

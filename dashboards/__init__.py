@@ -1,0 +1,1 @@
+"""mailwarden dashboards (built in a later issue)."""

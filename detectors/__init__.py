@@ -1,0 +1,1 @@
+"""Detectors: pure functions of an event frame and `now` that return alerts."""

@@ -1,0 +1,281 @@
+"""The `mailwarden` command: ingest, detect, alerts, demo, generate and db, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from pipeline.config import Settings, load_settings
+from pipeline.schema import MailwardenError, Severity
+from pipeline.store import Store, redact_url
+
+app = typer.Typer(
+    name="mailwarden",
+    help="Detect abuse of a mail-sending service (API keys, SMTP AUTH) from its access logs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Store maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+# Files bigger than this get a progress bar (small ones finish before a bar is worth drawing).
+PROGRESS_MIN_BYTES = 8 << 20
+
+DatabaseOption = Annotated[
+    Optional[str], typer.Option("--database-url", help="Store URL (default: MAILWARDEN_DATABASE_URL or ./mailwarden.db).")
+]
+
+
+def _settings(database_url: str | None = None) -> Settings:
+    overrides = {"database_url": database_url} if database_url else {}
+    return load_settings(**overrides)
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise MailwardenError(f"--{name}: {value!r} is not an ISO-8601 time (e.g. 2026-11-30T14:00:00Z)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator:
+    if not enabled:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def hook(path: str, done: int, total: int) -> None:
+        if total < PROGRESS_MIN_BYTES:
+            return
+        if path not in tasks:
+            tasks[path] = progress.add_task(Path(path).name, total=total)
+        progress.update(tasks[path], completed=min(done, total))
+
+    with progress:
+        yield hook
+
+
+def _print_ingest_summary(summary, store_url: str) -> None:
+    table = Table(title=f"ingest into {redact_url(store_url)}", show_header=False, box=None)
+    table.add_row("files", f"{summary.files:,}" + (f" ({summary.files_skipped} empty)" if summary.files_skipped else ""))
+    table.add_row("formats", ", ".join(f"{k} x{v}" for k, v in sorted(summary.formats.items())) or "-")
+    table.add_row("lines read", f"{summary.lines_read:,}")
+    table.add_row("events stored", f"{summary.events_stored:,}")
+    table.add_row("duplicates skipped", f"{summary.duplicates:,}")
+    table.add_row("quarantined", f"{summary.quarantined:,}")
+    for reason, count in summary.reasons.most_common(8):
+        table.add_row("", f"{count:,} × {reason}")
+    table.add_row("speed", f"{summary.lines_per_second:,.0f} lines/s ({summary.seconds:.2f} s)")
+    out.print(table)
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[str], typer.Argument(help="Files, globs, .gz files, or - for stdin.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, combined, json or smtp-auth.")] = "auto",
+    follow: Annotated[bool, typer.Option("--follow", help="Keep reading appended lines (through rotation).")] = False,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Parse log files into the store, exactly once: re-running adds nothing, a killed run resumes."""
+    from pipeline.jobs import follow_paths, ingest_paths
+
+    settings = _settings(database_url)
+    store = Store.open(settings.database_url)
+    try:
+        if follow:
+            if "-" in paths:
+                raise MailwardenError("--follow reads files; stdin is already followed when piped")
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            err.print(f"following {', '.join(paths)} (Ctrl-C to stop)")
+            watcher = threading.Thread(target=lambda: follow_paths(store, settings, paths, fmt, stop), daemon=True)
+            watcher.start()
+            try:
+                while watcher.is_alive():
+                    watcher.join(0.5)
+            except KeyboardInterrupt:
+                stop.set()
+                watcher.join(10)
+            return
+        with _progress(sys.stderr.isatty()) as hook:
+            summary = ingest_paths(store, settings, paths, fmt, progress=hook)
+        _print_ingest_summary(summary, settings.database_url)
+    finally:
+        store.close()
+
+
+@app.command()
+def detect(
+    since: Annotated[Optional[str], typer.Option(help="Start (ISO-8601); default: first stored event.")] = None,
+    until: Annotated[Optional[str], typer.Option(help="End (ISO-8601); default: last stored event.")] = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Run the detectors over stored events; time is taken from the data, not the clock."""
+    from pipeline.jobs import detect_range
+
+    settings = _settings(database_url)
+    store = Store.open(settings.database_url)
+    try:
+        summary = detect_range(store, settings, _parse_time(since, "since"), _parse_time(until, "until"))
+    finally:
+        store.close()
+    if summary.since is None:
+        out.print("no events stored yet: run `mailwarden ingest` first")
+        return
+    per = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_detector.items())) or "none"
+    out.print(
+        f"detected over {summary.since:%Y-%m-%d %H:%M} .. {summary.until:%Y-%m-%d %H:%M} UTC "
+        f"({summary.events:,} events, {summary.seconds:.2f} s): {summary.alerts_found} alerts "
+        f"({summary.alerts_new} new, {summary.alerts_updated} updated) — {per}"
+    )
+
+
+def _alerts_table(rows: list[dict]) -> Table:
+    table = Table(title=f"{len(rows)} alerts", expand=False)
+    for col in ("severity", "detector", "entity", "window (UTC)", "title", "status"):
+        table.add_column(col, overflow="fold")
+    colour = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
+    for r in rows:
+        sev = str(Severity(r["severity"]))
+        table.add_row(
+            f"[{colour.get(sev, '')}]{sev}[/]",
+            r["detector"],
+            f"{r['entity_kind']} {r['entity']}",
+            f"{r['window_start']:%Y-%m-%d %H:%M} → {r['window_end']:%H:%M}",
+            r["title"],
+            r["status"],
+        )
+    return table
+
+
+@app.command()
+def alerts(
+    status: Annotated[Optional[str], typer.Option(help="Only alerts with this status (open, acknowledged…).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many alerts.")] = 200,
+    database_url: DatabaseOption = None,
+) -> None:
+    """List alerts, most severe first."""
+    settings = _settings(database_url)
+    store = Store.open(settings.database_url)
+    try:
+        rows = store.list_alerts(status=status, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(rows, default=str, indent=2))
+    else:
+        out.print(_alerts_table(rows))
+
+
+@app.command()
+def generate(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the log files and labels.csv into.")],
+    days: Annotated[int, typer.Option(help="Days of traffic.")] = 7,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same files.")] = 1,
+    scale: Annotated[float, typer.Option(help="Multiplies the normal traffic volume.")] = 1.0,
+    no_attacks: Annotated[bool, typer.Option("--no-attacks", help="Only normal traffic.")] = False,
+) -> None:
+    """Write realistic labelled traffic of a mail-sending service (API JSON, nginx, Postfix)."""
+    from pipeline.generate import generate as run_generator
+
+    if days < 1:
+        raise MailwardenError("--days must be at least 1")
+    summary = run_generator(out_dir, days=days, seed=seed, attacks=not no_attacks, scale=scale)
+    out.print(summary)
+
+
+@app.command()
+def demo(
+    database_url: DatabaseOption = None,
+    data_dir: Annotated[Path, typer.Option(help="Where the demo logs are written.")] = Path(".mailwarden/demo"),
+) -> None:
+    """Generate two days of sample traffic with attacks, ingest it, detect, and print the alerts."""
+    from pipeline.generate import generate as run_generator
+    from pipeline.jobs import detect_range, ingest_paths
+
+    settings = _settings(database_url)
+    err.print(f"[bold]1/4[/] writing sample logs to {data_dir}/")
+    run_generator(data_dir, days=2, seed=7, attacks=True, scale=0.1)
+    store = Store.open(settings.database_url)
+    try:
+        err.print(f"[bold]2/4[/] ingesting into {redact_url(settings.database_url)}")
+        files = sorted(str(p) for p in data_dir.iterdir() if p.suffix in (".log", ".jsonl") or p.name == "maillog")
+        summary = ingest_paths(store, settings, files, "auto")
+        _print_ingest_summary(summary, settings.database_url)
+        err.print("[bold]3/4[/] detecting")
+        found = detect_range(store, settings)
+        err.print(f"      {found.alerts_found} alerts over {found.events:,} events in {found.seconds:.2f} s")
+        err.print("[bold]4/4[/] alerts")
+        out.print(_alerts_table(store.list_alerts(limit=50)))
+    finally:
+        store.close()
+    err.print(f"labels of the injected attacks: {data_dir / 'labels.csv'}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(database_url: DatabaseOption = None) -> None:
+    """Create or migrate the store's tables to the current schema."""
+    from pipeline.migrations import current_revision
+
+    settings = _settings(database_url)
+    store = Store.open(settings.database_url)
+    try:
+        out.print(f"store {redact_url(settings.database_url)} at revision {current_revision(store.engine)}")
+    finally:
+        store.close()
+
+
+def main() -> None:
+    """Entry point: every MailwardenError is one line on stderr and exit code 2, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="mailwarden: %(levelname)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except MailwardenError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, (click.exceptions.Exit,)):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        sys.exit(1)

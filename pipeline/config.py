@@ -1,0 +1,96 @@
+"""One Settings class: defaults, then mailwarden.toml, then MAILWARDEN_* environment variables."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pipeline.schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE_ENV = "MAILWARDEN_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Settings of one mailwarden installation. Every field can be set in the TOML file or env."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAILWARDEN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file="mailwarden.toml",
+    )
+
+    database_url: str = "sqlite:///./mailwarden.db"
+    # Where generated state (the pepper file) lives when nothing else is configured.
+    data_dir: Path = Path(".mailwarden")
+    # HMAC key for API-key fingerprints and address hashes. Generated into data_dir if unset.
+    pepper: SecretStr | None = None
+    # Proxies (CIDRs) whose X-Forwarded-For header is believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Time zone of syslog timestamps without an offset.
+    timezone: str = "UTC"
+    # nginx log_format string used by the `combined` parser (None: combined/common).
+    log_format: str | None = None
+    # JSON mapping: built-in name (`mailapi`, `apigateway`, `traefik`) or {column: field}.
+    json_mapping: str | dict[str, Any] | None = None
+    # Lines per parse/store batch.
+    batch_lines: int = 50_000
+    # Per-detector parameters: [detectors.ip_burst] threshold = 600
+    detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get(CONFIG_FILE_ENV, "mailwarden.toml")
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=toml_path)
+        return (init_settings, env_settings, toml)
+
+    def resolved_pepper(self) -> bytes:
+        """The pepper, generating and saving one on first use (with a warning) if none is set."""
+        if self.pepper is not None and self.pepper.get_secret_value():
+            return self.pepper.get_secret_value().encode()
+        path = self.data_dir / "pepper"
+        if path.exists():
+            return path.read_text().strip().encode()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+        log.warning(
+            "MAILWARDEN_PEPPER is not set: generated one into %s. Keep it: key fingerprints "
+            "change if it is lost.",
+            path,
+        )
+        return value.encode()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings with a one-line ConfigError instead of pydantic's multi-line report."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read configuration: {exc}") from None

@@ -1,0 +1,84 @@
+"""Keep secrets out of the store: key fingerprints, URL redaction, hashed addresses (vectorised)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import polars as pl
+
+REDACTED = "REDACTED"
+
+# Query parameters whose value is a credential. Mail APIs and their SDKs use all of these.
+SECRET_PARAMS = (
+    "api[_-]?key|apikey|key|token|access[_-]?token|refresh[_-]?token|id[_-]?token|auth|"
+    "authorization|password|passwd|pwd|pass|secret|client[_-]?secret|sig|signature|x-api-key"
+)
+_SECRET_QUERY = rf"(?i)([?&;](?:{SECRET_PARAMS})=)[^&;#\s]+"
+_USERINFO = r"(//)[^/@\s:]+:[^/@\s]+@"  # https://user:pass@host/...
+_EMAIL = r"[A-Za-z0-9._%+-]+(?:@|%40)[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
+# Path segments that are ids, so `/v3/messages/8f1c…` and `/v3/messages/9a2b…` count as one path.
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_ID_SEGMENT = rf"/(?:{_UUID}|[0-9a-fA-F]{{16,}}|[0-9]{{3,}}|[A-Za-z0-9_-]{{24,}})(/|\?|$)"
+
+
+def fingerprint(secret: str, pepper: bytes) -> str:
+    """Keyed fingerprint of an API key: stable per pepper, useless to an attacker without it."""
+    return hmac.new(pepper, secret.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:20]
+
+
+def hash_address(address: str, pepper: bytes) -> str:
+    """Recipient addresses are personal data: keep only a keyed hash, case-folded."""
+    return "h:" + fingerprint(address.strip().lower(), pepper)[:16]
+
+
+def fingerprint_expr(column: pl.Expr, pepper: bytes) -> pl.Expr:
+    """Fingerprint a column of raw keys; computed once per distinct key, not per row."""
+    return column.map_batches(
+        lambda s: _fingerprint_series(s, pepper), return_dtype=pl.String, is_elementwise=True
+    )
+
+
+def _fingerprint_series(series: pl.Series, pepper: bytes) -> pl.Series:
+    uniques = series.drop_nulls().unique()
+    mapping = {k: fingerprint(k, pepper) for k in uniques.to_list() if k not in ("", "-")}
+    return series.replace_strict(mapping, default=None, return_dtype=pl.String)
+
+
+def has_secret_expr(url: pl.Expr) -> pl.Expr:
+    """True where the URL carries a credential in its query string or user-info."""
+    return url.str.contains(_SECRET_QUERY) | url.str.contains(_USERINFO)
+
+
+def redact_expr(url: pl.Expr) -> pl.Expr:
+    """Replace credential values in a URL with REDACTED and e-mail addresses with {email}."""
+    return (
+        url.str.replace_all(_SECRET_QUERY, "${1}" + REDACTED)
+        .str.replace_all(_USERINFO, "${1}" + REDACTED + "@")
+        .str.replace_all(_EMAIL, "{email}")
+    )
+
+
+def normalise_path_expr(url: pl.Expr) -> pl.Expr:
+    """Redact secrets, then fold id-like path segments into `{id}` (twice: ids can be adjacent)."""
+    redacted = redact_expr(url)
+    return redacted.str.replace_all(_ID_SEGMENT, "/{id}${1}").str.replace_all(_ID_SEGMENT, "/{id}${1}")
+
+
+def redact_text(text: str) -> str:
+    """Scalar redaction for free text such as quarantined raw lines."""
+    frame = pl.DataFrame({"t": [text]})
+    return frame.select(redact_expr(pl.col("t")).str.replace_all(_PASSWORD_FIELD, "${1}" + REDACTED))["t"][0]
+
+
+def redact_texts(texts: list[str]) -> list[str]:
+    """Vectorised `redact_text` for a batch of quarantined lines."""
+    if not texts:
+        return []
+    frame = pl.DataFrame({"t": texts}, schema={"t": pl.String})
+    return frame.select(redact_expr(pl.col("t")).str.replace_all(_PASSWORD_FIELD, "${1}" + REDACTED))["t"].to_list()
+
+
+# Dovecot 2.4 can log the tried password (`password=...`), some apps log `pass:`; never keep it.
+_PASSWORD_FIELD = r"(?i)(\b(?:password|passwd|pass|pwd)\s*[=:]\s*<?)[^\s,>&;]+"
+PASSWORD_FIELD = _PASSWORD_FIELD
