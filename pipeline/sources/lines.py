@@ -85,31 +85,29 @@ def read_first_line(
     hasher = hashlib.sha256()
     length = 0
     probe = b""
-    pending_cr = False
+    pending_cr = False  # the last block ended in CR: CR or CRLF, decided by the next byte
     while True:
         data = read(block)
         if not data:
-            if length and (allow_partial or False):
-                return hasher, length, probe
-            return None
+            return (hasher, length, probe) if length and allow_partial else None
         if pending_cr:
-            # The previous block ended in CR; its line is CR or CRLF depending on this byte.
             if data[:1] == b"\n":
                 hasher.update(b"\n")
                 length += 1
-            return hasher, length, probe[:PROBE_BYTES]
+                probe = (probe + b"\n")[:PROBE_BYTES]
+            return hasher, length, probe
         m = _TERM_B.search(data)
-        if m is None or (m.group() == b"\r" and m.end() == len(data)):
-            hasher.update(data)
-            length += len(data)
-            if len(probe) < PROBE_BYTES:
-                probe += data[: PROBE_BYTES - len(probe)]
-            pending_cr = m is not None
+        if m is not None and not (m.group() == b"\r" and m.end() == len(data)):
+            data = data[: m.end()]
+        hasher.update(data)
+        length += len(data)
+        if len(probe) < PROBE_BYTES:
+            probe += data[: PROBE_BYTES - len(probe)]
+        if m is None:
             continue
-        piece = data[: m.end()]
-        hasher.update(piece)
-        length += len(piece)
-        probe = (probe + piece[:PROBE_BYTES])[:PROBE_BYTES]
+        if m.end() == len(data) and m.group() == b"\r":
+            pending_cr = True
+            continue
         return hasher, length, probe
 
 
@@ -139,12 +137,12 @@ class LineSplitter:
     def feed(self, data: bytes) -> tuple[list[str], list[int]]:
         if not data:
             return [], []
-        # A line longer than a chunk: keep its pieces and join once, so long lines cost O(n).
-        if b"\n" not in data and b"\r" not in data[:-1]:
-            if data[-1:] != b"\r" or not self._carry_len and len(data) == 1:
-                self._carry.append(data)
-                self._carry_len += len(data)
-                return [], []
+        resolves_cr = self._carry and self._carry[-1].endswith(b"\r")
+        if not resolves_cr and b"\n" not in data and b"\r" not in data:
+            # A line longer than a chunk: keep its pieces and join once, so long lines cost O(n).
+            self._carry.append(data)
+            self._carry_len += len(data)
+            return [], []
         buf = b"".join(self._carry) + data if self._carry else data
         # A CR at the very end may be the first half of CRLF: hold it until the next byte.
         cut = max(buf.rfind(b"\n"), buf.rfind(b"\r", 0, len(buf) - 1)) + 1
@@ -153,7 +151,7 @@ class LineSplitter:
             return [], []
         tail = buf[cut:]
         self._carry, self._carry_len = ([tail], len(tail)) if tail else ([], 0)
-        return self._split(buf[:cut] if tail else buf, final=False)
+        return self._split(buf[:cut] if tail else buf)
 
     def finish(self) -> tuple[list[str], list[int]]:
         """Return the held-back tail as a last line: the stream is known to be complete."""
@@ -161,52 +159,56 @@ class LineSplitter:
             return [], []
         buf = b"".join(self._carry)
         self._carry, self._carry_len = [], 0
-        return self._split(buf, final=True)
+        return self._split(buf)
 
     def discard(self) -> None:
         """Forget the held-back tail (the file it came from was truncated under us)."""
         self._carry, self._carry_len = [], 0
 
-    def _split(self, buf: bytes, *, final: bool) -> tuple[list[str], list[int]]:
+    def _split(self, buf: bytes) -> tuple[list[str], list[int]]:
+        """Split `buf` (complete lines, plus an unterminated tail only from `finish`)."""
         base = self.consumed
         self.consumed = base + len(buf)
         text = buf.decode("utf-8", "backslashreplace")
         n_cr = buf.count(b"\r")
         if n_cr and n_cr != buf.count(b"\r\n"):
-            return self._split_bare_cr(buf, text, base)
+            return _split_bare_cr(buf, text, base)
         lines = text.split("\n")
         if buf.isascii():
-            lengths = map(len, lines)
+            lengths = list(map(len, lines))
         else:
-            lengths = map(len, buf.split(b"\n"))
+            lengths = list(map(len, buf.split(b"\n")))
+            if len(lengths) != len(lines):  # pragma: no cover - guards the decoder claim above
+                lines = [p.decode("utf-8", "backslashreplace") for p in buf.split(b"\n")]
         offsets = list(accumulate(map(add, lengths, repeat(1)), initial=base))
-        # split() leaves one more piece than terminators: "" after a final LF, else the open tail.
-        del offsets[-1]
-        if lines[-1] == "":
+        # split() leaves one more piece than there are LFs: "" after a final LF, else the open tail;
+        # accumulate() leaves one more offset than pieces.
+        offsets.pop()
+        if not lines[-1]:
             lines.pop()
             offsets.pop()
         if n_cr:
             lines = [s[:-1] if s.endswith("\r") else s for s in lines]
-        if not final and len(lines) != len(offsets):  # pragma: no cover - guards the decoder claim
-            raise AssertionError("line split mismatch")
         return lines, offsets
 
-    @staticmethod
-    def _split_bare_cr(buf: bytes, text: str, base: int) -> tuple[list[str], list[int]]:
-        # Rare (old Mac files, progress output): a regex split, with a Python loop for offsets.
-        pieces = _TERM_B.split(buf)
-        terms = _TERM_B.findall(buf)
-        lines = _TERM_S.split(text)
-        offsets = []
-        pos = base
-        for piece, term in zip(pieces, terms):
-            offsets.append(pos)
-            pos += len(piece) + len(term)
-        if pieces[-1]:
-            offsets.append(pos)
-        else:
-            lines.pop()
-        return lines, offsets
+
+def _split_bare_cr(buf: bytes, text: str, base: int) -> tuple[list[str], list[int]]:
+    # Rare (old Mac files, progress output): a regex split, with a Python loop for offsets.
+    pieces = _TERM_B.split(buf)
+    terms = _TERM_B.findall(buf)
+    lines = _TERM_S.split(text)
+    if len(lines) != len(pieces):  # pragma: no cover - guards the decoder claim above
+        lines = [p.decode("utf-8", "backslashreplace") for p in pieces]
+    offsets = []
+    pos = base
+    for piece, term in zip(pieces, terms):
+        offsets.append(pos)
+        pos += len(piece) + len(term)
+    if pieces[-1]:
+        offsets.append(pos)
+    else:
+        lines.pop()
+    return lines, offsets
 
 
 class Batcher:
