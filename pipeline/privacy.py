@@ -54,7 +54,7 @@ def redact_expr(url: pl.Expr) -> pl.Expr:
     """Replace credential values in a URL with REDACTED and e-mail addresses with {email}."""
     return (
         url.str.replace_all(_SECRET_QUERY, "${1}" + REDACTED)
-        .str.replace_all(_USERINFO, "${1}" + REDACTED + "@")
+        .str.replace_all(_USERINFO, "${1}[" + REDACTED + "]@")  # brackets: not mistaken for an e-mail
         .str.replace_all(_EMAIL, "{email}")
     )
 
@@ -65,20 +65,32 @@ def normalise_path_expr(url: pl.Expr) -> pl.Expr:
     return redacted.str.replace_all(_ID_SEGMENT, "/{id}${1}").str.replace_all(_ID_SEGMENT, "/{id}${1}")
 
 
+# Free text (a quarantined line may be anything): `name=value`, `"name": "value"`, `name: value`
+# for every secret-looking name, bearer tokens, and key shapes of the big mail providers.
+_FREE_SECRET = rf"""(?i)(["']?\b(?:{SECRET_PARAMS})["']?\s*[=:]\s*["'<(]?)[^\s"'&;,<>)]+"""
+_BEARER = r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"
+_KEY_SHAPES = r"\b(?:SG\.[\w-]{16,}\.[\w-]{16,}|key-[0-9a-f]{32}|mw_(?:live|test)_[A-Za-z0-9]{16,})"
+# Dovecot can log the tried password ("given password: x", Dovecot 2.4 `password=x`); never keep it.
+PASSWORD_FIELD = r"(?i)(\b(?:password|passwd|pass|pwd)\s*[=:]\s*<?)[^\s,>&;)]+"
+
+
+def redact_text_expr(text: pl.Expr) -> pl.Expr:
+    """Redaction for free text such as quarantined raw lines: everything `redact_expr` does, and more."""
+    return (
+        redact_expr(text)
+        .str.replace_all(_BEARER, "${1}" + REDACTED)
+        .str.replace_all(_FREE_SECRET, "${1}" + REDACTED)
+        .str.replace_all(_KEY_SHAPES, REDACTED)
+    )
+
+
 def redact_text(text: str) -> str:
-    """Scalar redaction for free text such as quarantined raw lines."""
-    frame = pl.DataFrame({"t": [text]})
-    return frame.select(redact_expr(pl.col("t")).str.replace_all(_PASSWORD_FIELD, "${1}" + REDACTED))["t"][0]
+    return redact_texts([text])[0]
 
 
 def redact_texts(texts: list[str]) -> list[str]:
-    """Vectorised `redact_text` for a batch of quarantined lines."""
+    """Vectorised redaction of a batch of quarantined lines."""
     if not texts:
         return []
     frame = pl.DataFrame({"t": texts}, schema={"t": pl.String})
-    return frame.select(redact_expr(pl.col("t")).str.replace_all(_PASSWORD_FIELD, "${1}" + REDACTED))["t"].to_list()
-
-
-# Dovecot 2.4 can log the tried password (`password=...`), some apps log `pass:`; never keep it.
-_PASSWORD_FIELD = r"(?i)(\b(?:password|passwd|pass|pwd)\s*[=:]\s*<?)[^\s,>&;]+"
-PASSWORD_FIELD = _PASSWORD_FIELD
+    return frame.select(redact_text_expr(pl.col("t")))["t"].to_list()

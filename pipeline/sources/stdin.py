@@ -38,46 +38,105 @@ def read_stdin_batches(
     """
     if stream is None:
         stream = sys.stdin.buffer
-    # Read until the first line is complete (or the stream ends): the identity is needed before
-    # the first batch.
-    read = _read_some(stream)
-    head = [read(batch_bytes)]
-    while head[-1] and not _first_line_done(head):
-        head.append(read(batch_bytes))
-    prefix = b"".join(head)
-    if not prefix:
+    raw_read = _read_some(stream)
+    start = raw_read(batch_bytes)
+    while 0 < len(start) < len(GZIP_MAGIC) and (more := raw_read(batch_bytes)):
+        start += more
+    if not start:
         return
-    is_gzip = prefix.startswith(GZIP_MAGIC)
-    ended = not head[-1]
+    is_gzip = start.startswith(GZIP_MAGIC)
+    cut_short = False
     if is_gzip:
-        gz = gzip.GzipFile(fileobj=_Prefixed(prefix, stream), mode="rb")
-        read, prefix, ended = _gzip_read(gz), b"", False
-        quiet: Callable[[], bool] = lambda: False  # the decompressor buffers: fd readiness says nothing
-        first = _gzip_first_line(gz)
-        gz = gzip.GzipFile(fileobj=_Prefixed(_Prefixed.replay, stream), mode="rb")  # placeholder
+        gz = gzip.GzipFile(fileobj=_Prefixed(start, raw_read), mode="rb")
+
+        def read(n: int) -> bytes:
+            nonlocal cut_short
+            try:
+                return gz.read1(n)
+            except EOFError:
+                cut_short = True  # a truncated stream: its cut-off tail is not a line
+                return b""
+            except (gzip.BadGzipFile, zlib.error) as e:
+                raise SourceError(f"{STDIN_PATH}: corrupt gzip: {e}") from None
+
+        # The decompressor buffers, so the pipe's readiness says nothing about pending lines.
+        quiet: Callable[[], bool] = lambda: False
+        head: list[bytes] = []
     else:
+        read = raw_read
         quiet = _quiet_check(stream)
-        first = read_first_line(io.BytesIO(prefix).read, allow_partial=ended)
-        if first is None:  # pragma: no cover - the loop above reads until the line is complete
-            return
+        head = [start]
+
+    # The identity is needed before the first batch: read until the first line is complete.
+    ended = False
+    while not _first_line_done(head):
+        more = read(batch_bytes)
+        if not more:
+            ended = True
+            break
+        head.append(more)
+    data = b"".join(head)
+    if not data:
+        return
+    first = read_first_line(io.BytesIO(data).read, allow_partial=True)
+    assert first is not None  # data is non-empty and allow_partial accepts any bytes
     hasher, length, _ = first
-    identity = make_identity(hasher, length, 0, 0)
     batcher = Batcher(
-        identity, STDIN_PATH, is_gzip=is_gzip, start_line=1,
+        make_identity(hasher, length, 0, 0), STDIN_PATH, is_gzip=is_gzip, start_line=1,
         batch_lines=batch_lines, batch_bytes=batch_bytes,
     )
     splitter = LineSplitter(0)
-    data = prefix
     while True:
-        if data:
-            lines, offsets = splitter.feed(data)
-            yield from batcher.add(lines, offsets, splitter.consumed)
+        lines, offsets = splitter.feed(data)
+        yield from batcher.add(lines, offsets, splitter.consumed)
         if ended:
             break
         if quiet():
             yield from batcher.flush()
         data = read(batch_bytes)
         ended = not data
-    lines, offsets = splitter.finish()
-    yield from batcher.add(lines, offsets, splitter.consumed)
+    if not cut_short:
+        lines, offsets = splitter.finish()
+        yield from batcher.add(lines, offsets, splitter.consumed)
     yield from batcher.flush()
+
+
+def _first_line_done(pieces: list[bytes]) -> bool:
+    """Whether the bytes so far hold a complete first line (a last CR waits for a possible LF)."""
+    for i, piece in enumerate(pieces):
+        if b"\n" in piece or b"\r" in piece[:-1]:
+            return True
+        if piece.endswith(b"\r") and any(pieces[i + 1 :]):
+            return True
+    return False
+
+
+def _read_some(stream: BinaryIO) -> Callable[[int], bytes]:
+    # read1 returns what the pipe has instead of blocking until n bytes arrived.
+    read1 = getattr(stream, "read1", None)
+    return read1 if read1 is not None else stream.read
+
+
+def _quiet_check(stream: BinaryIO) -> Callable[[], bool]:
+    """A function telling whether reading now would block (never, for in-memory streams)."""
+    try:
+        fd = stream.fileno()
+        select.select([fd], [], [], 0)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return lambda: False
+    return lambda: not select.select([fd], [], [], 0)[0]
+
+
+class _Prefixed:
+    """A read-only file object replaying bytes already taken from a stream, then the stream."""
+
+    def __init__(self, prefix: bytes, read: Callable[[int], bytes]):
+        self._prefix, self._read = prefix, read
+
+    def read(self, n: int = -1) -> bytes:
+        if self._prefix:
+            if n is None or n < 0:
+                n = len(self._prefix)
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            return out
+        return self._read(n if n is not None and n >= 0 else CHUNK_BYTES)

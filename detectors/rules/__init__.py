@@ -1,0 +1,81 @@
+"""Threshold rules, one module each, and the few helpers they share (durations, windows, wording)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from detectors.features import BUCKET_US, micros, to_timestamp
+
+
+def as_timedelta(value: Any, field: str) -> timedelta:
+    """A duration parameter from config: a timedelta, seconds, or text such as "5min", "1h", "30 s"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a duration such as '5min', got {value!r}")
+    try:
+        if isinstance(value, (int, float)):
+            duration = pd.Timedelta(seconds=value)
+        else:
+            duration = pd.Timedelta(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: expected a duration such as '5min', got {value!r}") from None
+    if pd.isna(duration) or duration <= pd.Timedelta(0):
+        raise ValueError(f"{field}: must be a positive duration, got {value!r}")
+    return duration.to_pytimedelta()
+
+
+def positive_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{field}: expected a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def check_lookback(window: timedelta, lookback: timedelta, field: str = "window") -> None:
+    # An episode's start is the first event of the first window over the threshold; the events before
+    # it must be in the frame for that start (and so the alert id) to be the same on every run.
+    if window * 2 > lookback:
+        raise ValueError(f"{field}: at most half the lookback ({human(lookback)}), got {human(window)}")
+
+
+def human(duration: timedelta) -> str:
+    """"5 min", "1 h", "90 s": durations the way titles say them."""
+    seconds = int(duration.total_seconds())
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+def usec(duration: timedelta) -> int:
+    return int(pd.Timedelta(duration).value // 1_000)
+
+
+def up_to_now(events: pd.DataFrame, now: datetime) -> tuple[pd.DataFrame, np.ndarray]:
+    """The events at or before `now` and their times in µs: a detector never looks into the future."""
+    times = micros(events["ts"])
+    now_us = usec(pd.Timestamp(now) - pd.Timestamp(0, tz="UTC"))
+    if len(times) and times.max() > now_us:
+        keep = times <= now_us
+        return events.iloc[np.flatnonzero(keep)], times[keep]
+    return events, times
+
+
+def bucket_floor(us: int) -> datetime:
+    return to_timestamp(us - us % BUCKET_US).to_pydatetime()
+
+
+def bucket_ceil(us: int) -> datetime:
+    """End of the minute holding `us`, so [window_start, window_end) covers the episode."""
+    return to_timestamp(us - us % BUCKET_US + BUCKET_US).to_pydatetime()
+
+
+def iso(us: int) -> str:
+    return to_timestamp(us).isoformat()
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
