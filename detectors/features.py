@@ -242,6 +242,33 @@ def episode_members(found: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return episode, np.repeat(found["first"].to_numpy(), lengths) + offsets
 
 
+def follow_ups(
+    timeline: Timeline, found: pd.DataFrame, codes: np.ndarray, times_us: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frame positions of the events (where `mask` holds) that came after an episode began, and the
+    episode each belongs to: the latest episode of the same entity that began before it.
+
+    Giving each event to one episode keeps the work linear however many episodes an entity had.
+    Events of entities without an episode, or before their first one, are left out. `codes` must be
+    the codes the timeline was built with, and its KeySpace must cover `times_us`.
+    """
+    candidates = np.flatnonzero(mask & np.isin(codes, found["code"].to_numpy()))
+    starts = timeline.keys[found["first"].to_numpy()]  # ascending: episodes come in (entity, time) order
+    owner = np.searchsorted(starts, timeline.space.pack(codes[candidates], times_us[candidates]), "left") - 1
+    mine = (owner >= 0) & (found["code"].to_numpy()[np.maximum(owner, 0)] == codes[candidates])
+    return candidates[mine], owner[mine]
+
+
+def group_positions(
+    owner: np.ndarray, positions: np.ndarray, order_by: np.ndarray, n: int
+) -> list[np.ndarray]:
+    """Split `positions` by `owner` (0..n-1), each group sorted by `order_by` then position."""
+    order = np.lexsort((positions, order_by, owner))
+    owner, positions = owner[order], positions[order]
+    bounds = np.searchsorted(owner, np.arange(n + 1), "left")
+    return [positions[bounds[i] : bounds[i + 1]] for i in range(n)]
+
+
 def counts_per_episode(
     episode: np.ndarray, values: pd.Series, n_episodes: int, top: int | None = None
 ) -> list[dict[str, int]]:

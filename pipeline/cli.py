@@ -32,7 +32,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="Store maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-out = Console()
+# Piped output is not cut to 80 columns: alert titles are the point of the table.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 # Files bigger than this get a progress bar (small ones finish before a bar is worth drawing).
@@ -162,18 +163,18 @@ def detect(
 
 def _alerts_table(rows: list[dict]) -> Table:
     table = Table(title=f"{len(rows)} alerts", expand=False)
-    for col in ("severity", "detector", "entity", "window (UTC)", "title", "status"):
-        table.add_column(col, overflow="fold")
+    for col in ("severity", "detector", "window (UTC)", "title", "status", "id"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("severity", "detector", "id"))
     colour = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
     for r in rows:
         sev = str(Severity(r["severity"]))
         table.add_row(
             f"[{colour.get(sev, '')}]{sev}[/]",
             r["detector"],
-            f"{r['entity_kind']} {r['entity']}",
             f"{r['window_start']:%Y-%m-%d %H:%M} → {r['window_end']:%H:%M}",
             r["title"],
             r["status"],
+            r["alert_id"][:10],
         )
     return table
 
@@ -209,10 +210,15 @@ def generate(
     """Write realistic labelled traffic of a mail-sending service (API JSON, nginx, Postfix)."""
     from pipeline.generate import generate as run_generator
 
-    if days < 1:
-        raise MailwardenError("--days must be at least 1")
-    summary = run_generator(out_dir, days=days, seed=seed, attacks=not no_attacks, scale=scale)
-    out.print(summary)
+    try:
+        summary = run_generator(out_dir, days=days, seed=seed, attacks=not no_attacks, scale=scale)
+    except ValueError as exc:
+        raise MailwardenError(str(exc)) from None
+    for name, count in summary.files.items():
+        out.print(f"{count:>10,} lines  {out_dir / name}")
+    out.print(f"{summary.start:%Y-%m-%d %H:%M} .. {summary.end:%Y-%m-%d %H:%M} UTC, seed {summary.seed}")
+    labels = ", ".join(f"{kind} {n}" for kind, n in summary.labels.items()) or "none"
+    out.print(f"labels ({out_dir / 'labels.csv'}): {labels}")
 
 
 @app.command()

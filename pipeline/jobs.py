@@ -93,7 +93,7 @@ class BatchIngester:
             ident = batch.identity
             cp = Checkpoint(
                 ident.key, batch.path, ident.dev, ident.inode, ident.first_line_hash, batch.end_offset,
-                batch.line_numbers[-1] + 1 if batch.line_numbers else 1,
+                batch.next_line_no,
             )
         self.wait()
         self.summary.lines_read += len(batch.lines)

@@ -47,9 +47,11 @@ events = sa.Table(
     *_event_columns(),
     sa.Index("ix_events_ts", "ts"),
     sa.Index("ix_events_source_ip_ts", "source_ip", "ts"),
-    sa.Index("ix_events_api_key_id_ts", "api_key_id", "ts"),
-    sa.Index("ix_events_account_ts", "account", "ts"),
 )
+# Partial: many events carry no key or no account, and an index entry per null only slows ingest.
+for _col in ("api_key_id", "account"):
+    _not_null = events.c[_col].isnot(None)
+    sa.Index(f"ix_events_{_col}_ts", events.c[_col], events.c.ts, sqlite_where=_not_null, postgresql_where=_not_null)
 
 quarantine = sa.Table(
     "quarantine",

@@ -10,11 +10,16 @@ import pandas as pd
 
 from detectors.features import BUCKET_US, micros, to_timestamp
 
+_NAT = np.iinfo(np.int64).min  # what pandas stores for NaT
+
 
 def as_timedelta(value: Any, field: str) -> timedelta:
     """A duration parameter from config: a timedelta, seconds, or text such as "5min", "1h", "30 s"."""
     if isinstance(value, bool):
         raise ValueError(f"{field}: expected a duration such as '5min', got {value!r}")
+    if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
+        # pandas would read a bare "300" as nanoseconds; nobody means that in a config file.
+        raise ValueError(f"{field}: give a unit, e.g. '{value.strip()}s', got {value!r}")
     try:
         if isinstance(value, (int, float)):
             duration = pd.Timedelta(seconds=value)
@@ -56,10 +61,13 @@ def usec(duration: timedelta) -> int:
 
 def up_to_now(events: pd.DataFrame, now: datetime) -> tuple[pd.DataFrame, np.ndarray]:
     """The events at or before `now` and their times in µs: a detector never looks into the future."""
+    stamp = pd.Timestamp(now)
+    if stamp.tzinfo is None:
+        raise ValueError("now must be timezone-aware (UTC)")
     times = micros(events["ts"])
-    now_us = usec(pd.Timestamp(now) - pd.Timestamp(0, tz="UTC"))
-    if len(times) and times.max() > now_us:
-        keep = times <= now_us
+    now_us = usec(stamp - pd.Timestamp(0, tz="UTC"))
+    keep = (times <= now_us) & (times != _NAT)  # an event without a time belongs to no window
+    if not keep.all():
         return events.iloc[np.flatnonzero(keep)], times[keep]
     return events, times
 

@@ -51,7 +51,8 @@ def expand_paths(patterns: list[str]) -> list[str]:
         matches = [p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p)]
         if not matches:
             if os.path.isdir(expanded):
-                raise ConfigError(f"{pattern!r} is a directory; give a file or a glob like {pattern.rstrip('/')}/*.log")
+                hint = f"{pattern.rstrip('/')}/*.log"
+                raise ConfigError(f"{pattern!r} is a directory; give a file or a glob like {hint!r}")
             raise ConfigError(f"no file matches {pattern!r}")
         for m in matches:
             found.setdefault(m, None)
@@ -60,7 +61,7 @@ def expand_paths(patterns: list[str]) -> list[str]:
 
 def _rotation_key(path: str) -> tuple:
     if path == "-":
-        return ("", "", 3, 0, "", "")
+        return (1,)  # after the files
     directory, name = os.path.split(path)
     m = _ROTATED.match(name)
     assert m is not None  # the pattern matches any non-empty name
@@ -70,7 +71,7 @@ def _rotation_key(path: str) -> tuple:
         rank, order = 0, 0  # dated rotations sort by the date text itself, below
     else:
         rank, order = 2, 0
-    return (directory, m["base"], rank, order, m["date"] or "", name)
+    return (0, directory, m["base"], rank, order, m["date"] or "", name)
 
 
 def identify(path: str | os.PathLike[str]) -> FileIdentity | None:
@@ -83,8 +84,7 @@ def identify(path: str | os.PathLike[str]) -> FileIdentity | None:
 
 
 def _identify_open(f: BinaryIO, *, allow_partial: bool) -> tuple[FileIdentity | None, bool, bytes]:
-    """Identify an open file from its start; returns (identity, is_gzip, probe) and leaves the
-    position undefined."""
+    """Identify an open file from its start: (identity, is_gzip, probe). Moves the file position."""
     st = os.fstat(f.fileno())
     f.seek(0)
     is_gzip = f.read(2) == GZIP_MAGIC
@@ -119,8 +119,9 @@ def read_batches(
     `start_offset` is a byte offset in the decompressed stream, at a line start (a committed
     `end_offset`), and `start_line` the number of the line there. An unterminated last line is
     returned: the file is taken as finished (`emit_partial=False` holds it back instead, for a
-    live file a writer may be in the middle of; the next read resumes at its start). A file truncated while being read ends the read with
-    what was read so far. Reads `batch_bytes` at a time, so memory stays flat in file size.
+    live file a writer may be in the middle of; the next read resumes at its start). A file
+    truncated while being read ends the read with what was read so far. Reads `batch_bytes` at a
+    time, so memory stays flat in file size.
     """
     name = os.fspath(path)
     try:

@@ -48,6 +48,12 @@ def follow_batches(
             if cur is not None and cur.batcher is None:
                 cur.try_identify(get_checkpoint)
             if cur is not None and cur.batcher is not None:
+                # Checked before reading: after copytruncate, the bytes at our old offset belong to
+                # the middle of some new line.
+                if cur.rewritten():
+                    log.info("%s: truncated in place (copytruncate); reading it from the start", name)
+                    cur.restart()
+                    continue
                 yield from cur.read_available(stop)
             for tail, deadline in list(draining):
                 yield from tail.read_available(stop)
@@ -67,10 +73,6 @@ def follow_batches(
                         cur.close()
                     log.info("%s: rotated, following the new file", name)
                     cur = None
-                    continue
-                if cur.batcher is not None and cur.rewritten():
-                    log.info("%s: truncated in place (copytruncate); reading it from the start", name)
-                    cur.restart()
                     continue
             stop.wait(poll_interval)
     finally:
@@ -168,6 +170,6 @@ class _Tail:
 
     def close(self) -> None:
         if self.splitter.pending_bytes and self.batcher is not None:
-            log.warning("%s: stopped with an unterminated last line (%d bytes) not read", self.path,
-                        self.splitter.pending_bytes)
+            # Not a line yet; the next open resumes at its start (the committed end_offset).
+            log.debug("%s: closed with %d bytes of an unterminated line", self.path, self.splitter.pending_bytes)
         self.f.close()

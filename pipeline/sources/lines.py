@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate, repeat
@@ -97,18 +98,15 @@ def read_first_line(
                 probe = (probe + b"\n")[:PROBE_BYTES]
             return hasher, length, probe
         m = _TERM_B.search(data)
-        if m is not None and not (m.group() == b"\r" and m.end() == len(data)):
+        pending_cr = m is not None and m.group() == b"\r" and m.end() == len(data)
+        if m is not None:
             data = data[: m.end()]
         hasher.update(data)
         length += len(data)
         if len(probe) < PROBE_BYTES:
             probe += data[: PROBE_BYTES - len(probe)]
-        if m is None:
-            continue
-        if m.end() == len(data) and m.group() == b"\r":
-            pending_cr = True
-            continue
-        return hasher, length, probe
+        if m is not None and not pending_cr:
+            return hasher, length, probe
 
 
 class LineSplitter:
@@ -118,7 +116,7 @@ class LineSplitter:
     tail (for streams known to be complete). Decoding is per chunk with `backslashreplace`: CPython's
     UTF-8 decoder never folds an ASCII byte into an invalid sequence, so a chunk decodes to exactly
     the concatenation of its lines decoded one by one, and splitting the text matches splitting the
-    bytes.
+    bytes. The bulk of a chunk is decoded through a memoryview, so it is never copied.
     """
 
     __slots__ = ("_carry", "_carry_len", "consumed")
@@ -137,21 +135,45 @@ class LineSplitter:
     def feed(self, data: bytes) -> tuple[list[str], list[int]]:
         if not data:
             return [], []
-        resolves_cr = self._carry and self._carry[-1].endswith(b"\r")
-        if not resolves_cr and b"\n" not in data and b"\r" not in data:
-            # A line longer than a chunk: keep its pieces and join once, so long lines cost O(n).
-            self._carry.append(data)
-            self._carry_len += len(data)
-            return [], []
-        buf = b"".join(self._carry) + data if self._carry else data
+        head_lines: list[str] = []
+        head_offsets: list[int] = []
+        start = 0
+        if self._carry:
+            # Finish the line carried over from the previous chunk on its own, small buffer.
+            if self._carry[-1].endswith(b"\r"):
+                # The held CR was a bare CR unless this chunk begins with its LF.
+                start = 1 if data.startswith(b"\n") else 0
+            else:
+                start = _first_terminator_end(data)
+                if start < 0:
+                    # A line longer than a chunk: keep its pieces and join once, so it costs O(n).
+                    self._carry.append(data)
+                    self._carry_len += len(data)
+                    return [], []
+                if start == 0:
+                    # Only a CR at the very end: it may be the first half of CRLF.
+                    self._carry.append(data)
+                    self._carry_len += len(data)
+                    return [], []
+            self._carry.append(data[:start])
+            head = b"".join(self._carry)
+            self._carry, self._carry_len = [], 0
+            head_lines, head_offsets = self._split(head, b"\r" in head)
         # A CR at the very end may be the first half of CRLF: hold it until the next byte.
-        cut = max(buf.rfind(b"\n"), buf.rfind(b"\r", 0, len(buf) - 1)) + 1
-        if cut == 0:
-            self._carry, self._carry_len = [buf], len(buf)
-            return [], []
-        tail = buf[cut:]
-        self._carry, self._carry_len = ([tail], len(tail)) if tail else ([], 0)
-        return self._split(buf[:cut] if tail else buf)
+        cut = max(data.rfind(b"\n", start), data.rfind(b"\r", start, len(data) - 1)) + 1
+        if cut <= start:
+            tail = data[start:] if start else data
+        else:
+            tail = data[cut:]
+            region = data if start == 0 and cut == len(data) else memoryview(data)[start:cut]
+            lines, offsets = self._split(region, data.find(b"\r", start, cut) >= 0)
+            if head_lines:
+                lines[:0] = head_lines
+                offsets[:0] = head_offsets
+            head_lines, head_offsets = lines, offsets
+        if tail:
+            self._carry, self._carry_len = [tail], len(tail)
+        return head_lines, head_offsets
 
     def finish(self) -> tuple[list[str], list[int]]:
         """Return the held-back tail as a last line: the stream is known to be complete."""
@@ -159,37 +181,62 @@ class LineSplitter:
             return [], []
         buf = b"".join(self._carry)
         self._carry, self._carry_len = [], 0
-        return self._split(buf)
+        return self._split(buf, b"\r" in buf)
 
     def discard(self) -> None:
         """Forget the held-back tail (the file it came from was truncated under us)."""
         self._carry, self._carry_len = [], 0
 
-    def _split(self, buf: bytes) -> tuple[list[str], list[int]]:
-        """Split `buf` (complete lines, plus an unterminated tail only from `finish`)."""
+    def _split(self, buf: bytes | memoryview, has_cr: bool) -> tuple[list[str], list[int]]:
+        """Split `buf`: complete lines, plus an unterminated tail only when called from `finish`."""
         base = self.consumed
-        self.consumed = base + len(buf)
-        text = buf.decode("utf-8", "backslashreplace")
-        n_cr = buf.count(b"\r")
-        if n_cr and n_cr != buf.count(b"\r\n"):
-            return _split_bare_cr(buf, text, base)
-        lines = text.split("\n")
-        if buf.isascii():
-            lengths = list(map(len, lines))
+        nbytes = len(buf)
+        self.consumed = base + nbytes
+        text = str(buf, "utf-8", "backslashreplace")
+        sep, strip_cr = "\n", False
+        if has_cr:
+            # CR and LF are the same in text and bytes (escapes are ASCII letters and digits), so
+            # counting on the text tells the kind of line ends.
+            lines = text.split("\r\n")
+            n_crlf = len(lines) - 1
+            if text.count("\r") != n_crlf:
+                return _split_bare_cr(bytes(buf), text, base)
+            if text.count("\n") == n_crlf:
+                sep = "\r\n"  # all CRLF (Windows): split in C
+            else:
+                strip_cr = True  # a mix of LF and CRLF
+                lines = text.split("\n")
         else:
-            lengths = list(map(len, buf.split(b"\n")))
-            if len(lengths) != len(lines):  # pragma: no cover - guards the decoder claim above
-                lines = [p.decode("utf-8", "backslashreplace") for p in buf.split(b"\n")]
-        offsets = list(accumulate(map(add, lengths, repeat(1)), initial=base))
-        # split() leaves one more piece than there are LFs: "" after a final LF, else the open tail;
+            lines = text.split("\n")
+        # O(1) test: any non-ASCII byte gives a non-ASCII char or a 4-char escape.
+        if text.isascii() and len(text) == nbytes:
+            lengths = map(len, lines)
+        else:
+            pieces = bytes(buf).split(sep.encode())
+            if len(pieces) != len(lines):  # pragma: no cover - guards the decoder claim above
+                lines = [p.decode("utf-8", "backslashreplace") for p in pieces]
+            lengths = map(len, pieces)
+        offsets = list(accumulate(map(add, lengths, repeat(len(sep))), initial=base))
+        # split() leaves one more piece than separators: "" after a final one, else the open tail;
         # accumulate() leaves one more offset than pieces.
         offsets.pop()
         if not lines[-1]:
             lines.pop()
             offsets.pop()
-        if n_cr:
+        if strip_cr:
             lines = [s[:-1] if s.endswith("\r") else s for s in lines]
         return lines, offsets
+
+
+def _first_terminator_end(data: bytes) -> int:
+    """Index just past the first line terminator in `data`; -1 if none; 0 if only a final CR."""
+    lf = data.find(b"\n")
+    cr = data.find(b"\r", 0, lf if lf >= 0 else len(data))
+    if cr < 0:
+        return lf + 1 if lf >= 0 else -1
+    if cr + 1 == len(data):
+        return 0
+    return cr + 2 if data[cr + 1] == 0x0A else cr + 1
 
 
 def _split_bare_cr(buf: bytes, text: str, base: int) -> tuple[list[str], list[int]]:
@@ -234,16 +281,26 @@ class Batcher:
         self._end = 0
 
     def add(self, lines: list[str], offsets: list[int], end: int) -> Iterator[LineBatch]:
-        """Queue lines (ending at stream offset `end`); yield every batch that is full."""
+        """Queue lines (ending at stream offset `end`); yield every batch that is full.
+
+        A batch is full at `batch_lines` lines or `batch_bytes` bytes, and never holds more
+        unless one line alone is longer.
+        """
         if not lines:
             return
         self._lines.extend(lines)
         self._offsets.extend(offsets)
         self._end = end
-        while len(self._lines) >= self.batch_lines:
-            yield self._take(self.batch_lines)
-        if self._lines and self._end - self._offsets[0] >= self.batch_bytes:
-            yield self._take(len(self._lines))
+        while self._lines:
+            n = min(len(self._lines), self.batch_lines)
+            limit = self._offsets[0] + self.batch_bytes
+            end_n = self._offsets[n] if n < len(self._lines) else self._end
+            if end_n > limit:
+                # Line i ends where line i+1 starts: keep the lines that end within the limit.
+                n = max(1, bisect_right(self._offsets, limit, 1, n) - 1)
+            elif end_n < limit and n < self.batch_lines:
+                break
+            yield self._take(n)
 
     def flush(self) -> Iterator[LineBatch]:
         if self._lines:

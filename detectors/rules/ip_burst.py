@@ -1,0 +1,173 @@
+"""Request floods: one source IP (or one /24, /64 network) sending far more requests than a client does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+
+from detectors.base import Detector
+from detectors.features import (
+    KeySpace,
+    Timeline,
+    counts_per_episode,
+    entity_codes,
+    episode_members,
+    episodes,
+    spread_sample,
+    subnets,
+)
+from detectors.rules import (
+    as_timedelta,
+    bucket_ceil,
+    bucket_floor,
+    check_lookback,
+    human,
+    iso,
+    positive_int,
+    up_to_now,
+    usec,
+)
+from pipeline.schema import Alert, EntityKind, Severity
+
+
+@dataclass
+class IpBurst(Detector):
+    """Fires when one source IP sends `threshold` requests or more within any `window`.
+
+    What fires: every sliding window (not fixed clock buckets) is checked, so a burst that straddles
+    minute edges still counts in full. One alert per IP per burst episode: windows over the threshold
+    less than `window` apart are one episode, from the first request of the first window over the
+    threshold to the last request that kept it there. The same test runs per network (/24 for IPv4,
+    /64 for IPv6) with `subnet_threshold`, and reports a network only when at least `subnet_min_ips`
+    of its addresses took part: that is a flood spread out to stay under the per-IP limit.
+
+    Why it matters: a mail API client that suddenly sends thousands of requests a minute is either a
+    leaked key being drained by a spammer, a broken retry loop, or someone probing or exhausting the
+    service (MITRE T1499, endpoint/application denial of service).
+
+    Triage: look at `top_paths` and `outcomes`. Mostly `ok` on the send endpoint: check which keys and
+    accounts the IP used and whether the recipients look like spam; mostly `auth_failed`: see the
+    brute-force and stuffing alerts for the same IP; mostly `client_error` (404s on many paths): a
+    scanner. `sample_event_ids` point back to the raw lines. A known customer's batch job: raise its
+    limit rather than the global one, or silence the alert by entity.
+
+    Tuning: `threshold` and `window` (default 600 in 5 min, i.e. 2 requests a second sustained);
+    `subnet_threshold` (default 1,200, twice the per-IP threshold) and `subnet_min_ips`; the network
+    sizes `ipv4_prefix` and `ipv6_prefix`. Severity is HIGH; score is peak / threshold.
+    """
+
+    name: ClassVar[str] = "ip_burst"
+    severity: ClassVar[Severity] = Severity.HIGH
+    lookback: ClassVar[timedelta] = timedelta(hours=1)
+    mitre: ClassVar[str] = "T1499"
+
+    threshold: int = 600
+    window: timedelta = timedelta(minutes=5)
+    subnet_threshold: int = 1_200
+    subnet_min_ips: int = 3
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+    def __post_init__(self) -> None:
+        self.threshold = positive_int(self.threshold, "threshold")
+        self.window = as_timedelta(self.window, "window")
+        check_lookback(self.window, self.lookback)
+        self.subnet_threshold = positive_int(self.subnet_threshold, "subnet_threshold")
+        self.subnet_min_ips = positive_int(self.subnet_min_ips, "subnet_min_ips")
+        self.ipv4_prefix = positive_int(self.ipv4_prefix, "ipv4_prefix")
+        self.ipv6_prefix = positive_int(self.ipv6_prefix, "ipv6_prefix")
+        if self.ipv4_prefix > 32 or self.ipv6_prefix > 128:
+            raise ValueError("ipv4_prefix must be at most 32 and ipv6_prefix at most 128")
+
+    def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
+        events, times = up_to_now(events, now)
+        if events.empty:
+            return []
+        ip_codes, ips = entity_codes(events["source_ip"])
+        alerts = self._bursts(events, times, ip_codes, ips, EntityKind.IP, self.threshold)
+
+        network_of_ip = subnets(ips, self.ipv4_prefix, self.ipv6_prefix)
+        net_code_of_ip, networks = pd.factorize(network_of_ip, use_na_sentinel=True)
+        lookup = np.append(net_code_of_ip.astype(np.int64), -1)  # index -1 (unknown IP) -> -1
+        net_codes = lookup[ip_codes]
+        alerts += self._bursts(
+            events, times, net_codes, np.asarray(networks, dtype=object), EntityKind.SUBNET,
+            self.subnet_threshold,
+        )
+        return sorted(alerts, key=lambda a: (a.window_start, str(a.entity_kind), a.entity))
+
+    def _bursts(
+        self,
+        events: pd.DataFrame,
+        times: np.ndarray,
+        codes: np.ndarray,
+        labels: np.ndarray,
+        kind: EntityKind,
+        threshold: int,
+    ) -> list[Alert]:
+        window_us = usec(self.window)
+        timeline = Timeline.build(codes, times, None, KeySpace.covering(times, len(labels), window_us))
+        if len(timeline) == 0:
+            return []
+        counts = timeline.trailing_count(window_us)
+        found = episodes(timeline, counts, counts >= threshold, window_us)
+        if found.empty:
+            return []
+        episode, positions = episode_members(found)
+        rows = timeline.rows[positions]
+        top_paths = counts_per_episode(episode, events["path"].iloc[rows], len(found), top=10)
+        outcomes = counts_per_episode(episode, events["outcome"].iloc[rows], len(found))
+        members = (
+            counts_per_episode(episode, events["source_ip"].iloc[rows], len(found))
+            if kind is EntityKind.SUBNET
+            else None
+        )
+        event_ids = events["event_id"].to_numpy(dtype=object, na_value=None)
+
+        alerts = []
+        for i, ep in enumerate(found.to_dict("records")):
+            code, first, last, peak = ep["code"], ep["first"], ep["last"], ep["peak"]
+            if members is not None and len(members[i]) < self.subnet_min_ips:
+                continue  # one busy address: its own IP alert already says it
+            entity = str(labels[code])
+            sample = timeline.rows[spread_sample(first, last)]
+            evidence = {
+                "peak_count": peak,
+                "peak_at": iso(timeline.times[ep["peak_pos"]]),
+                "threshold": threshold,
+                "window_seconds": int(self.window.total_seconds()),
+                "total_requests": last - first + 1,
+                "first_seen": iso(timeline.times[first]),
+                "last_seen": iso(timeline.times[last]),
+                "top_paths": top_paths[i],
+                "outcomes": outcomes[i],
+                "sample_event_ids": [e for e in event_ids[sample] if e is not None],
+            }
+            if members is not None:
+                evidence["member_count"] = len(members[i])
+                evidence["member_ips"] = members[i]
+                title = (
+                    f"Subnet {entity}: {peak:,} requests in {human(self.window)} from "
+                    f"{len(members[i]):,} IPs (threshold {threshold:,})"
+                )
+            else:
+                title = f"IP {entity}: {peak:,} requests in {human(self.window)} (threshold {threshold:,})"
+            alerts.append(
+                Alert(
+                    detector=self.name,
+                    severity=self.severity,
+                    entity_kind=kind,
+                    entity=entity,
+                    window_start=bucket_floor(timeline.times[first]),
+                    window_end=bucket_ceil(timeline.times[last]),
+                    score=peak / threshold,
+                    title=title,
+                    evidence=evidence,
+                    mitre=self.mitre,
+                )
+            )
+        return alerts
