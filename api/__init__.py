@@ -1,1 +1,1 @@
-"""mailwarden api (built in a later issue)."""
+"""mailwarden API: the HTTP face of the store (alerts, events, stats, plots, push ingest, metrics)."""

@@ -113,7 +113,12 @@ class CredentialStuffing(Detector):
         n = len(found)
         accounts = counts_per_episode(episode, events["account"].iloc[rows], n)
         api_keys = counts_per_episode(episode, events["api_key_id"].iloc[rows], n)
-        tried = pd.Series(credential[rows]).groupby(episode).nunique().to_numpy()
+        tried_codes = credential[rows]
+        tried = (
+            pd.DataFrame({"credential": tried_codes, "is_key": tried_codes < len(keys)})
+            .groupby(episode)
+            .agg(distinct=("credential", "nunique"), keys=("is_key", "sum"))
+        )
         event_ids = events["event_id"].to_numpy(dtype=object, na_value=None)
 
         # The hits: logins that worked from the IP after the episode began (before its next episode).
@@ -121,6 +126,9 @@ class CredentialStuffing(Detector):
         hits, owner = follow_ups(failures, found, ip_codes, times, logged_in)
         hit_accounts = counts_per_episode(owner, events["account"].iloc[hits], n)
         hit_keys = counts_per_episode(owner, events["api_key_id"].iloc[hits], n)
+        n_hits = (
+            pd.Series(credential[hits]).groupby(owner).nunique().reindex(range(n), fill_value=0).to_numpy()
+        )
 
         alerts = []
         for i, ep in enumerate(found.to_dict("records")):
@@ -140,7 +148,7 @@ class CredentialStuffing(Detector):
                 "failures": last - first + 1,
                 "attempts": n_attempts,
                 "failure_ratio": round((last - first + 1) / n_attempts, 4),
-                "distinct_tried": int(tried[i]),
+                "distinct_tried": int(tried["distinct"].iat[i]),
                 "first_seen": iso(start_us),
                 "last_seen": iso(end_us),
                 "accounts": accounts[i],
@@ -150,18 +158,17 @@ class CredentialStuffing(Detector):
                     e for e in event_ids[failures.rows[spread_sample(first, last)]] if e is not None
                 ],
             }
-            what = _what(accounts[i], api_keys[i])
+            what = _what(int(tried["keys"].iat[i]), last - first + 1)
             title = (
                 f"IP {ip}: {peak:,} {what} failed in {human(self.window)} "
                 f"(threshold {self.min_distinct:,})"
             )
-            n_hits = len(hit_accounts[i]) + len(hit_keys[i])
-            if n_hits:
-                title += f", {n_hits:,} logged in"
+            if n_hits[i]:
+                title += f", {n_hits[i]:,} logged in"
             alerts.append(
                 Alert(
                     detector=self.name,
-                    severity=Severity.CRITICAL if n_hits else self.severity,
+                    severity=Severity.CRITICAL if n_hits[i] else self.severity,
                     entity_kind=EntityKind.IP,
                     entity=ip,
                     window_start=bucket_floor(start_us),
@@ -175,7 +182,8 @@ class CredentialStuffing(Detector):
         return sorted(alerts, key=lambda a: (a.window_start, a.entity))
 
 
-def _what(accounts: dict[str, int], api_keys: dict[str, int]) -> str:
-    if accounts and api_keys:
-        return "accounts and API keys"
-    return "API keys" if api_keys else "accounts"
+def _what(key_failures: int, failures: int) -> str:
+    """What the credentials were, for the title: each failure counts as its key when it had one."""
+    if key_failures == failures:
+        return "API keys"
+    return "accounts" if key_failures == 0 else "accounts and API keys"

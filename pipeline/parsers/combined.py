@@ -372,6 +372,10 @@ def _free_end(line: str, pos: int, i: int, steps: list[_Step], fmt: CompiledLogF
         if _acceptable_follow(line, found.end(), following, fmt, quotes):
             return found.start(), found.end()
         first_end = found.end() if first_end is None else first_end
+    if first_end is None and following is None and token.quote and literal.token.literal == token.quote:
+        # The last field lost its closing quote (a truncated line): the rest of the line is it.
+        end = len(line.rstrip())
+        return end, end
     if first_end is not None and following is not None:
         shown = line[first_end : first_end + 24]
         where = f"after {_describe(token)} at column {first_end + 1}"

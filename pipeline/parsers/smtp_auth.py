@@ -161,7 +161,7 @@ class SmtpAuthParser(Parser):
             return 0.0
         series, _ = line_series([line[:MAX_LINE_CHARS] for line in sample])
         clock = Clock(tz="UTC", reference_year=2000, reference_month=12)
-        split = split_lines(series, clock)
+        split = split_lines(series, clock, header=False)
         # A timestamp parse may fail on a calendar detail (Feb 29 in a guessed year): for sniffing
         # the shape is what counts, so a recognised-but-invalid timestamp still counts.
         looks = (
@@ -182,7 +182,7 @@ class SmtpAuthParser(Parser):
         rejected += [(row, "line is not text") for row in nulls if row not in already]
         frame = frame.filter(pl.col("line").is_not_null() & (pl.col("line").str.len_chars() <= MAX_LINE_CHARS))
 
-        split = split_lines(frame["line"], self.clock).with_columns(frame["row"])
+        split = split_lines(frame["line"], self.clock, header=False).with_columns(frame["row"])
         bad_time = split.filter(pl.col("ts").is_null())
         rejected += list(bad_time.select("row", "ts_error").iter_rows())
         timed = split.filter(pl.col("ts").is_not_null()).select("row", "ts", "rest")

@@ -26,13 +26,16 @@ _FRAC = r"(?:[.,](?P<frac>[0-9]{1,9}))?"
 # `Z`, `+01:00` (RFC 3339), `+0100` (journald short-iso, Exim log_timezone) or Exim's `[+0100]`.
 _OFFSET = r"(?P<off>[Zz]|[+-][0-9]{2}:?[0-9]{2}| [+-][0-9]{4}| \[[+-][0-9]{4}\])?"
 
-ISO_PREFIX = rf"(?s)^(?:<[0-9]{{1,3}}>)?{_DATE}[T ]{_CLOCK}{_FRAC}{_OFFSET} +(?P<rest>.*)$"
-BSD_PREFIX = (
-    rf"(?s)^(?:<[0-9]{{1,3}}>)?(?P<mon>{_MONTH_ALT}) {{1,2}}(?P<day>[0-9]{{1,2}}) "
-    rf"{_CLOCK}(?:\.(?P<frac>[0-9]{{1,9}}))? +(?P<rest>.*)$"
+# Timestamp heads, matched against a line's first HEAD_CHARS characters only: capturing the whole
+# rest of every line costs several times more than finding where its timestamp ends.
+HEAD_CHARS = 64
+ISO_HEAD = rf"(?s)^(?P<head>(?:<[0-9]{{1,3}}>)?{_DATE}[T ]{_CLOCK}{_FRAC}{_OFFSET} +)"
+BSD_HEAD = (
+    rf"(?s)^(?P<head>(?:<[0-9]{{1,3}}>)?(?P<mon>{_MONTH_ALT}) {{1,2}}(?P<day>[0-9]{{1,2}}) "
+    rf"{_CLOCK}(?:\.(?P<frac>[0-9]{{1,9}}))? +)"
 )
 # daemontools/multilog: `@` + 16 hex digits of TAI64 seconds + 8 hex digits of nanoseconds.
-TAI64N_PREFIX = r"(?s)^@(?P<sec>[0-9a-fA-F]{16})(?P<nano>[0-9a-fA-F]{8}) +(?P<rest>.*)$"
+TAI64N_HEAD = r"(?s)^(?P<head>@(?P<sec>[0-9a-fA-F]{16})(?P<nano>[0-9a-fA-F]{8}) +)"
 # RFC 5424: <PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD...]|- MSG; SD values may escape `]`.
 RFC5424 = (
     r"(?s)^<[0-9]{1,3}>1 (?P<stamp>\S+) (?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) \S+ "
@@ -74,129 +77,57 @@ class Clock:
         return cls(tz=tz, reference_year=local.year, reference_month=local.month)
 
 
-def split_lines(lines: pl.Series, clock: Clock) -> pl.DataFrame:
-    """One row per line: `ts` (UTC or null), `ts_error`, `host`, `program`, `pid`, `label`,
-    `message` and `rest` (the text after the timestamp, header included).
+def split_lines(lines: pl.Series, clock: Clock, *, header: bool = True) -> pl.DataFrame:
+    """One row per line, in order: `ts` (UTC or null), `ts_error` (why `ts` is null) and `rest`
+    (the text after the timestamp, syslog header included); with `header`, also `host`,
+    `program`, `pid`, `label` and `message` parsed from `rest`.
 
-    `ts_error` says why `ts` is null. Lines without a leading timestamp but with an Exim
-    timestamp right after their header (journald's `host exim[pid]: 2021-07-17 23:20:49 ...`)
-    take that one.
+    Each line goes through one timestamp pattern, chosen by its first character. Lines without a
+    leading timestamp but with an Exim one right after their syslog header (journald's
+    `host exim[pid]: 2021-07-17 23:20:49 ...`) take that one, and keep the whole line as `rest`.
     """
-    frame = pl.DataFrame({"line": lines.cast(pl.String)})
-    line = pl.col("line")
-    s5424 = line.str.extract_groups(RFC5424)
-    frame = frame.with_columns(s5424.alias("s5424"))
-    f = pl.col("s5424").struct
-    # An RFC 5424 line is rewritten into `STAMP HOST APP[PROCID]: MSG` so one ISO path handles it.
-    app = pl.when(f.field("app") == "-").then(pl.lit("")).otherwise(f.field("app"))
-    pid = pl.when(f.field("procid") == "-").then(pl.lit("")).otherwise("[" + f.field("procid") + "]")
-    rewritten = pl.concat_str(
-        [f.field("stamp"), pl.lit(" "), f.field("host"), pl.lit(" "), app, pid, pl.lit(": "),
-         f.field("msg").fill_null("")]
-    )
-    frame = frame.with_columns(
-        pl.when(f.field("stamp").is_not_null()).then(rewritten).otherwise(line).alias("norm"),
-        f.field("stamp").is_not_null().alias("is_5424"),
-    ).drop("s5424")
-
+    base = pl.DataFrame({"line": lines.cast(pl.String)}).with_row_index("i")
+    base = _rewrite_5424(base)
     norm = pl.col("norm")
-    frame = frame.with_columns(
-        norm.str.extract_groups(TAI64N_PREFIX).alias("tai"),
-        norm.str.extract_groups(ISO_PREFIX).alias("iso"),
-        norm.str.extract_groups(BSD_PREFIX).alias("bsd"),
-    )
-    tai, iso, bsd = (pl.col(c).struct for c in ("tai", "iso", "bsd"))
-
-    # Where no timestamp leads, look for one right after a syslog header (journald exports).
-    frame = frame.with_columns(
-        pl.when(tai.field("rest").is_null() & iso.field("rest").is_null() & bsd.field("rest").is_null())
-        .then(norm.str.extract_groups(HEADER).struct.field("message"))
+    first = norm.str.slice(0, 1)
+    base = base.with_columns(
+        pl.when(first == "@").then(pl.lit("tai"))
+        .when(first.str.contains(r"^[0-9]")).then(pl.lit("iso"))
+        .when(first.str.contains(r"^[A-Z]")).then(pl.lit("bsd"))
+        # A leading <PRI> may precede either an ISO or a BSD stamp.
+        .when(first == "<").then(pl.lit("pri"))
         .otherwise(pl.lit(None, dtype=pl.String))
-        .str.extract_groups(ISO_PREFIX)
-        .alias("emb")
+        .alias("route")
     )
-    emb = pl.col("emb").struct
 
-    # RFC 5424 requires an offset; a 5424 stamp without one is treated as unreadable.
-    iso_ok = iso.field("rest").is_not_null() & (~pl.col("is_5424") | iso.field("off").is_not_null())
-    kind = (
-        pl.when(tai.field("rest").is_not_null()).then(pl.lit("tai"))
-        .when(iso_ok).then(pl.lit("iso"))
-        .when(bsd.field("rest").is_not_null()).then(pl.lit("bsd"))
-        .when(emb.field("rest").is_not_null()).then(pl.lit("emb"))
-        .otherwise(pl.lit(None, dtype=pl.String))
+    found: list[pl.DataFrame] = []
+    left = base
+    for kind, pattern, routes in (
+        ("tai", TAI64N_HEAD, ("tai",)),
+        ("iso", ISO_HEAD, ("iso", "pri")),
+        ("bsd", BSD_HEAD, ("bsd", "pri")),
+    ):
+        part = _extract(left.filter(pl.col("route").is_in(routes)), pattern)
+        # RFC 5424 requires an offset: a 5424 stamp without one is unreadable, not local time.
+        if kind == "iso":
+            part = part.filter(~pl.col("is_5424") | pl.col("off").is_not_null())
+        found.append(_stamp_parts(part, kind, clock))
+        left = left.join(part.select("i"), on="i", how="anti")
+
+    # Journald exports of Exim: `host exim[pid]: 2021-07-17 23:20:49 ...`.
+    embedded = left.with_columns(norm.str.extract_groups(HEADER).struct.field("message").alias("msg"))
+    embedded = _extract(embedded.filter(pl.col("msg").is_not_null()), ISO_HEAD, "msg")
+    found.append(_stamp_parts(embedded.with_columns(norm.alias("rest")), "emb", clock))
+
+    stamps = pl.concat(found, how="vertical")
+    frame = base.select("i", "norm").join(stamps, on="i", how="left", maintain_order="left")
+    frame = frame.with_columns(_wall_and_offset().alias("parts"))
+    frame = _localize_rows(frame, clock.tz)
+    frame = frame.with_columns(
+        pl.coalesce("ts_fixed", "ts_local").alias("ts"),
+        pl.col("rest").fill_null(norm),
     )
-    frame = frame.with_columns(kind.alias("kind"))
     k = pl.col("kind")
-
-    def pick(field: str) -> pl.Expr:
-        return (
-            pl.when(k == "iso").then(iso.field(field))
-            .when(k == "emb").then(emb.field(field))
-            .otherwise(pl.lit(None, dtype=pl.String))
-        )
-
-    # ISO-style stamps (leading or embedded): naive wall time plus optional offset.
-    frame = frame.with_columns(
-        pick("date").alias("i_date"),
-        pick("clock").alias("i_clock"),
-        pl.when(k.is_in(["iso", "emb"])).then(pick("frac"))
-        .when(k == "bsd").then(bsd.field("frac"))
-        .otherwise(pl.lit(None, dtype=pl.String)).alias("frac"),
-        pick("off").alias("off"),
-        pl.when(k == "tai").then(tai.field("rest"))
-        .when(k == "iso").then(iso.field("rest"))
-        .when(k == "bsd").then(bsd.field("rest"))
-        .when(k == "emb").then(norm)
-        .otherwise(norm).alias("rest"),
-    )
-
-    # RFC 3164 stamps have no year: the line lies within the 12 months up to the reference, so
-    # a month after the reference month belongs to the previous year (a log across New Year).
-    month = bsd.field("mon").replace_strict(MONTHS, default=None, return_dtype=pl.Int32)
-    year = (
-        pl.when(month > clock.reference_month)
-        .then(pl.lit(clock.reference_year - 1))
-        .otherwise(pl.lit(clock.reference_year))
-    )
-    bsd_text = pl.concat_str(
-        [year.cast(pl.String), pl.lit("-"), month.cast(pl.String).str.zfill(2), pl.lit("-"),
-         bsd.field("day").str.zfill(2), pl.lit(" "), bsd.field("clock")]
-    )
-    iso_text = pl.concat_str([pl.col("i_date"), pl.lit(" "), pl.col("i_clock")])
-    wall_text = pl.when(k == "bsd").then(bsd_text).otherwise(iso_text)
-    micros = pl.col("frac").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64, strict=False).fill_null(0)
-    frame = frame.with_columns(
-        (
-            wall_text.str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S", strict=False)
-            + pl.duration(microseconds=micros)
-        ).alias("wall"),
-        _offset_seconds(pl.col("off")).alias("off_s"),
-    )
-
-    # TAI64N labels.
-    sec = tai.field("sec").str.to_integer(base=16, strict=False) - TAI64_EPOCH
-    nano = tai.field("nano").str.to_integer(base=16, strict=False)
-    tai_ok = sec.is_between(0, _MAX_EPOCH_SECONDS) & (nano < 1_000_000_000)
-    tai_ts = pl.when(tai_ok).then(
-        pl.from_epoch(sec * 1_000_000 + nano // 1000, time_unit="us").dt.replace_time_zone("UTC")
-    )
-
-    with_offset = pl.col("wall") - pl.duration(seconds=pl.col("off_s"))
-    frame = frame.with_columns(
-        pl.when(k == "tai").then(tai_ts)
-        .when(pl.col("off").is_not_null() & pl.col("off_s").is_not_null())
-        .then(with_offset.dt.replace_time_zone("UTC"))
-        .otherwise(pl.lit(None, dtype=UTC_DTYPE))
-        .alias("ts_fixed")
-    )
-    local_rows = k.is_in(["bsd", "iso", "emb"]) & pl.col("off").is_null()
-    frame = frame.with_columns(
-        pl.when(local_rows).then(pl.col("wall")).otherwise(pl.lit(None, dtype=pl.Datetime("us"))).alias("local")
-    )
-    frame = frame.with_columns(localize(pl.col("local"), clock.tz).alias("ts_local"))
-    frame = frame.with_columns(pl.coalesce("ts_fixed", "ts_local").alias("ts"))
-
     frame = frame.with_columns(
         pl.when(pl.col("ts").is_not_null()).then(pl.lit(None, dtype=pl.String))
         .when(k.is_null()).then(pl.lit("no recognised timestamp"))
@@ -206,10 +137,9 @@ def split_lines(lines: pl.Series, clock: Clock) -> pl.DataFrame:
         .otherwise(pl.lit(f"local time does not exist in {clock.tz} (daylight-saving gap)"))
         .alias("ts_error")
     )
-
-    header = pl.col("rest").str.extract_groups(HEADER)
-    frame = frame.with_columns(header.alias("hdr"))
-    h = pl.col("hdr").struct
+    if not header:
+        return frame.select("ts", "ts_error", "rest")
+    h = pl.col("rest").str.extract_groups(HEADER).struct
     return frame.select(
         "ts",
         "ts_error",
@@ -220,6 +150,126 @@ def split_lines(lines: pl.Series, clock: Clock) -> pl.DataFrame:
         pl.coalesce(h.field("message"), pl.col("rest")).alias("message"),
         "rest",
     )
+
+
+def _rewrite_5424(base: pl.DataFrame) -> pl.DataFrame:
+    """`norm`: RFC 5424 lines rewritten as `STAMP HOST APP[PROCID]: MSG`, others unchanged."""
+    line = pl.col("line")
+    candidates = base.filter(line.str.starts_with("<"))
+    parsed = candidates.with_columns(line.str.extract_groups(RFC5424).alias("g")).unnest("g")
+    parsed = parsed.filter(pl.col("stamp").is_not_null())
+    app = pl.when(pl.col("app") == "-").then(pl.lit("")).otherwise(pl.col("app"))
+    pid = pl.when(pl.col("procid") == "-").then(pl.lit("")).otherwise("[" + pl.col("procid") + "]")
+    rewritten = parsed.select(
+        "i",
+        pl.concat_str(
+            [pl.col("stamp"), pl.lit(" "), pl.col("host"), pl.lit(" "), app, pid, pl.lit(": "),
+             pl.col("msg").fill_null("")]
+        ).alias("rewritten"),
+    )
+    joined = base.join(rewritten, on="i", how="left", maintain_order="left")
+    return joined.select(
+        "i",
+        pl.coalesce("rewritten", "line").alias("norm"),
+        pl.col("rewritten").is_not_null().alias("is_5424"),
+    )
+
+
+def _extract(part: pl.DataFrame, head_pattern: str, column: str = "norm") -> pl.DataFrame:
+    """Rows of `part` whose `column` starts with `head_pattern`: its groups, and `rest` after it."""
+    text = pl.col(column)
+    groups = text.str.slice(0, HEAD_CHARS).str.extract_groups(head_pattern)
+    extracted = part.with_columns(groups.alias("g")).unnest("g").filter(pl.col("head").is_not_null())
+    return extracted.with_columns(
+        text.str.slice(pl.col("head").str.len_chars()).str.strip_chars_start(" ").alias("rest")
+    )
+
+
+_PARTS_SCHEMA: dict[str, pl.DataType] = {
+    "i": pl.UInt32,
+    "kind": pl.String,
+    "wall_text": pl.String,  # "YYYY-MM-DD HH:MM:SS" wall clock (no fraction, no offset)
+    "frac": pl.String,
+    "off": pl.String,
+    "sec": pl.String,
+    "nano": pl.String,
+    "rest": pl.String,
+}
+
+
+def _stamp_parts(part: pl.DataFrame, kind: str, clock: Clock) -> pl.DataFrame:
+    """The matched pieces of one timestamp family in one schema, ready to be combined."""
+    exprs: dict[str, pl.Expr] = {"kind": pl.lit(kind)}
+    if kind == "bsd":
+        # RFC 3164 stamps have no year: the line lies within the 12 months up to the reference,
+        # so a month after the reference month belongs to the previous year (a log across New Year).
+        month = pl.col("mon").replace_strict(MONTHS, default=None, return_dtype=pl.Int32)
+        year = (
+            pl.when(month > clock.reference_month)
+            .then(pl.lit(clock.reference_year - 1))
+            .otherwise(pl.lit(clock.reference_year))
+        )
+        exprs["wall_text"] = pl.concat_str(
+            [year.cast(pl.String), pl.lit("-"), month.cast(pl.String).str.zfill(2), pl.lit("-"),
+             pl.col("day").str.zfill(2), pl.lit(" "), pl.col("clock")]
+        )
+    elif kind in ("iso", "emb"):
+        exprs["wall_text"] = pl.concat_str([pl.col("date"), pl.lit(" "), pl.col("clock")])
+    columns = []
+    for name, dtype in _PARTS_SCHEMA.items():
+        if name in exprs:
+            columns.append(exprs[name].cast(dtype).alias(name))
+        elif name in part.columns:
+            columns.append(pl.col(name).cast(dtype))
+        else:
+            columns.append(pl.lit(None, dtype=dtype).alias(name))
+    return part.select(columns)
+
+
+def _wall_and_offset() -> pl.Expr:
+    """Struct of the naive wall time (fraction included) and the offset in seconds, if any."""
+    micros = pl.col("frac").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64, strict=False).fill_null(0)
+    wall = pl.col("wall_text").str.strptime(pl.Datetime("us"), "%Y-%m-%d %H:%M:%S", strict=False)
+    return pl.struct(
+        (wall + pl.duration(microseconds=micros)).alias("wall"),
+        _offset_seconds(pl.col("off")).alias("off_s"),
+    )
+
+
+def _localize_rows(frame: pl.DataFrame, tz: str) -> pl.DataFrame:
+    """Adds `wall`, `ts_fixed` (UTC from TAI64N or an offset) and `ts_local` (UTC from local)."""
+    parts = pl.col("parts").struct
+    frame = frame.with_columns(parts.field("wall").alias("wall"), parts.field("off_s").alias("off_s"))
+    sec = pl.col("sec").str.to_integer(base=16, strict=False) - TAI64_EPOCH
+    nano = pl.col("nano").str.to_integer(base=16, strict=False)
+    tai_ok = sec.is_between(0, _MAX_EPOCH_SECONDS) & (nano < 1_000_000_000)
+    tai_ts = pl.when(tai_ok).then(
+        pl.from_epoch(sec * 1_000_000 + nano // 1000, time_unit="us").dt.replace_time_zone("UTC")
+    )
+    with_offset = (pl.col("wall") - pl.duration(seconds=pl.col("off_s"))).dt.replace_time_zone("UTC")
+    frame = frame.with_columns(
+        pl.when(pl.col("kind") == "tai").then(tai_ts)
+        .when(pl.col("off").is_not_null() & pl.col("off_s").is_not_null()).then(with_offset)
+        .otherwise(pl.lit(None, dtype=UTC_DTYPE))
+        .alias("ts_fixed"),
+        pl.when(pl.col("kind").is_in(["bsd", "iso", "emb"]) & pl.col("off").is_null())
+        .then(pl.col("wall"))
+        .otherwise(pl.lit(None, dtype=pl.Datetime("us")))
+        .alias("local"),
+    )
+    if tz == "UTC":
+        return frame.with_columns(pl.col("local").dt.replace_time_zone("UTC").alias("ts_local"))
+    # Zone rules depend only on the wall time: resolve each distinct value once. Only a batch that
+    # holds a repeated (autumn) hour needs the order-dependent reading.
+    distinct = frame.select(pl.col("local").unique().drop_nulls())
+    resolved = distinct.with_columns(
+        pl.col("local").dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").alias("e"),
+        pl.col("local").dt.replace_time_zone(tz, ambiguous="latest", non_existent="null").alias("l"),
+    )
+    if resolved.filter(pl.col("e") != pl.col("l")).height:
+        return frame.with_columns(localize(pl.col("local"), tz).alias("ts_local"))
+    mapping = resolved.select("local", pl.col("e").dt.convert_time_zone("UTC").alias("ts_local"))
+    return frame.join(mapping, on="local", how="left", maintain_order="left")
 
 
 def _offset_seconds(off: pl.Expr) -> pl.Expr:

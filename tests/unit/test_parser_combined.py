@@ -296,7 +296,7 @@ CONTEXTS = [
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 @given(lines=st.lists(any_line, min_size=1, max_size=12), which=st.integers(0, len(CONTEXTS) - 1))
 def test_any_input_ends_as_exactly_one_event_or_reject(lines: list[str], which: int) -> None:

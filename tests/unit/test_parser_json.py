@@ -330,6 +330,7 @@ _lines = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     lines=st.lists(_lines, min_size=1, max_size=12),
