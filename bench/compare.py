@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -472,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = work / "runs"
     logs.mkdir(parents=True, exist_ok=True)
     pg = None if args.no_postgres else Postgres(args.pg)
+    # A plain `kill` must still drop the PostgreSQL databases and the temporary folder.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return _main(args, out_dir, work, logs, pg)
     finally:
@@ -524,6 +527,9 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
         status = {p: "ok" if shutil.which(peers.APT_PACKAGES[p]) else "not installed (--no-install)" for p in wanted}
     else:
         status = peers.ensure_peers(wanted, log=say)
+    if not Path(peers.TIME_BINARY).exists():
+        say(f"{peers.TIME_BINARY} (Debian package `time`) is needed to measure peak memory: apt-get install -y time")
+        return 2
     versions = {p: peers.version_of(p) for p in wanted if status[p] == "ok"}
     for p in wanted:
         say(f"peer {p}: {versions.get(p, '')} {'' if status[p] == 'ok' else status[p]}".rstrip())

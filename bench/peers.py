@@ -9,13 +9,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-APT_PACKAGES = {"goaccess": "goaccess", "fail2ban": "fail2ban-regex", "crowdsec": "crowdsec"}
+# Debian package -> the binary that shows it is there. `time` (GNU time) measures peak memory.
+APT_PACKAGES = {"goaccess": "goaccess", "fail2ban": "fail2ban-regex", "crowdsec": "crowdsec", "time": "time"}
 
 # Debian's crowdsec postinst registers with the online Central API unless this file already has content
 # (README.Debian, "Local API and Central API"); with no network that registration fails the install.
@@ -57,38 +57,41 @@ class Measured:
         return ""
 
 
+TIME_BINARY = "/usr/bin/time"
+
+
 def measure(cmd: list[str], out_dir: Path, name: str, *, env: dict | None = None, cwd: Path | None = None,
             timeout: float = 3600.0) -> Measured:
-    """Run `cmd` once and measure it from outside: wall time and the child's own peak RSS.
+    """Run `cmd` once and measure it from outside: wall time and its peak RSS.
 
-    wait4 gives the rusage of exactly this child (and its reaped descendants), so no /usr/bin/time and no
-    sampling; output goes to files so a chatty tool cannot block on a full pipe.
+    The peak comes from GNU time, not from our own wait4: a child forked from this (large) Python
+    process starts with our resident set as its high-water mark and keeps it across exec, so every tool
+    would show at least our size. GNU time is a few hundred kB and forks the real command itself.
+    Output goes to files so a chatty tool cannot block on a full pipe.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stdout, stderr = out_dir / f"{name}.out", out_dir / f"{name}.err"
+    stdout, stderr, usage = out_dir / f"{name}.out", out_dir / f"{name}.err", out_dir / f"{name}.time"
+    usage.unlink(missing_ok=True)
     with open(stdout, "wb") as so, open(stderr, "wb") as se:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                start_new_session=True)
-        timed_out = threading.Event()
-
-        def kill() -> None:
-            timed_out.set()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout, kill)
-        timer.start()
+        # start_new_session: on timeout the whole group (time and the tool) is killed.
+        proc = subprocess.Popen([TIME_BINARY, "-f", "%M", "-o", str(usage), *cmd], stdout=so, stderr=se,
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            timed_out = True
         seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    # Linux reports ru_maxrss in KiB.
-    return Measured(seconds, usage.ru_maxrss / 1024, proc.returncode, stdout, stderr, timed_out.is_set())
+    peak_kb = 0.0
+    try:
+        # The last line is the number; a killed command adds a "Command terminated by signal" line before it.
+        peak_kb = float(usage.read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return Measured(seconds, peak_kb / 1024, proc.returncode, stdout, stderr, timed_out)
 
 
 # ---------------------------------------------------------------------------------------------- install
@@ -110,6 +113,8 @@ def ensure_peers(wanted: list[str], log=print) -> dict[str, str]:
     """Install the wanted peers from Debian if missing; returns {peer: "ok" | reason it is unavailable}."""
     status: dict[str, str] = {}
     missing = []
+    if not Path(TIME_BINARY).exists():
+        missing.append("time")
     for peer in wanted:
         binary = APT_PACKAGES[peer]
         installed = _dpkg_status(peer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from pipeline.sources import (
     follow_batches,
     identify,
     read_batches,
+    read_prefix,
     read_stdin_batches,
 )
 from pipeline.store import Checkpoint, Store
@@ -33,6 +35,41 @@ STDIN = "-"
 # How many lines `auto` looks at before choosing a format for a file.
 SNIFF_LINES = 200
 UNRECOGNISED = "unrecognised format: no parser recognises the first lines of this file"
+# Bytes of a file's start remembered with its checkpoint, to recognise a rotated copy of it.
+PROBE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class SourceKey:
+    """The identity events of one file are stored under, and the probe saved with its checkpoint."""
+
+    key: str
+    probe_len: int | None
+    probe_hash: str | None
+
+
+def resolve_source(store: Store, path: str, identity: Any) -> tuple[SourceKey, Checkpoint | None]:
+    """Content identity, unless another file merely shares the first line (fail2ban's test files do).
+
+    A file is known by the hash of its first line, so its renamed and compressed rotations resume
+    where it stopped. When a checkpoint for that hash belongs to another inode, the first bytes
+    decide: the same bytes make it a copy (resume), different bytes a stranger with the same first
+    line (it gets a key of its own, so none of its events is mistaken for a duplicate).
+    """
+    cp = store.get_checkpoint(identity.key)
+    key = identity.key
+    if cp is not None and (cp.dev, cp.inode) != (identity.dev, identity.inode) and cp.probe_hash:
+        if _sha(read_prefix(path, cp.probe_len or 0)) != cp.probe_hash:
+            key = hashlib.sha256(f"{identity.key}:{identity.dev}:{identity.inode}".encode()).hexdigest()[:32]
+            cp = store.get_checkpoint(key)
+    if cp is not None and cp.probe_hash:
+        return SourceKey(key, cp.probe_len, cp.probe_hash), cp
+    head = read_prefix(path, PROBE_BYTES)
+    return SourceKey(key, len(head), _sha(head)), cp
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -86,14 +123,15 @@ class BatchIngester:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailwarden-writer")
         self._pending: Future | None = None
 
-    def submit(self, batch: LineBatch, parser: Parser | None, parser_name: str, checkpoint: bool) -> None:
-        frame, quarantined = prepare_batch(batch, parser, parser_name)
+    def submit(self, batch: LineBatch, parser: Parser | None, parser_name: str, source: SourceKey | None) -> None:
+        """Queue a batch; with a `source` its checkpoint commits in the same transaction."""
+        frame, quarantined = prepare_batch(batch, parser, parser_name, source.key if source else batch.identity.key)
         cp = None
-        if checkpoint:
+        if source is not None:
             ident = batch.identity
             cp = Checkpoint(
-                ident.key, batch.path, ident.dev, ident.inode, ident.first_line_hash, batch.end_offset,
-                batch.next_line_no,
+                source.key, batch.path, ident.dev, ident.inode, ident.first_line_hash, batch.end_offset,
+                batch.next_line_no, source.probe_len, source.probe_hash,
             )
         self.wait()
         self.summary.lines_read += len(batch.lines)
@@ -116,10 +154,11 @@ class BatchIngester:
 
 
 def prepare_batch(
-    batch: LineBatch, parser: Parser | None, parser_name: str
+    batch: LineBatch, parser: Parser | None, parser_name: str, source_key: str | None = None
 ) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """Parse one batch into store-ready events and quarantine rows (every line ends in one)."""
-    ids = event_ids(batch.identity.key, batch.offsets)
+    source_key = source_key or batch.identity.key
+    ids = event_ids(source_key, batch.offsets)
     if parser is None:
         parsed_rows: list[int] = []
         rejected = [(i, UNRECOGNISED) for i in range(len(batch.lines))]
@@ -152,7 +191,7 @@ def prepare_batch(
         {
             "quarantine_id": ids[r],
             "source": batch.path,
-            "source_key": batch.identity.key,
+            "source_key": source_key,
             "line_no": batch.line_numbers[r],
             "byte_offset": batch.offsets[r],
             "parser": parser_name,
@@ -233,13 +272,14 @@ def _ingest_file(
     if identity is None:
         summary.files_skipped += 1
         return
-    cp = store.get_checkpoint(identity.key)
+    ingester.wait()  # the previous file's checkpoint must be visible to tell the two apart
+    source, cp = resolve_source(store, path, identity)
     start, line_no = (cp.byte_offset, cp.line_no) if cp else (0, 1)
     parser, name = choose_parser(fmt, _sample_lines(path), settings, _file_reference_time(path))
     summary.formats[name if parser else "unrecognised"] += 1
     total = _size_hint(path)
     for batch in read_batches(path, start_offset=start, start_line=line_no, batch_lines=settings.batch_lines):
-        ingester.submit(batch, parser, name, checkpoint=True)
+        ingester.submit(batch, parser, name, source)
         if progress:
             progress(path, batch.end_offset, total)
     if progress:
@@ -262,7 +302,7 @@ def _ingest_stdin(ingester: BatchIngester, settings: Settings, fmt: str, summary
             parser, name = choose_parser(fmt, batch.lines[:SNIFF_LINES], settings, datetime.now(timezone.utc))
             summary.formats[name if parser else "unrecognised"] += 1
         # stdin cannot be re-read from an offset, so it keeps no checkpoint; ids still dedupe a replay.
-        ingester.submit(batch, parser, name, checkpoint=False)
+        ingester.submit(batch, parser, name, None)
 
 
 def follow_paths(
@@ -278,11 +318,14 @@ def follow_paths(
     started = time.perf_counter()
     parsers: dict[str, tuple[Parser | None, str]] = {}
 
-    def checkpoint_of(identity: Any) -> tuple[int, int] | None:
-        cp = store.get_checkpoint(identity.key)
-        return (cp.byte_offset, cp.line_no) if cp else None
-
     def run(path: str) -> None:
+        sources: dict[str, SourceKey] = {}
+
+        def checkpoint_of(identity: Any) -> tuple[int, int] | None:
+            source, cp = resolve_source(store, path, identity)
+            sources[identity.key] = source
+            return (cp.byte_offset, cp.line_no) if cp else None
+
         ingester = BatchIngester(store, summary)
         try:
             for batch in follow_batches(path, checkpoint_of, stop, batch_lines=settings.batch_lines):
@@ -290,7 +333,8 @@ def follow_paths(
                 if key not in parsers:
                     parsers[key] = choose_parser(fmt, batch.lines[:SNIFF_LINES], settings, datetime.now(timezone.utc))
                 parser, name = parsers[key]
-                ingester.submit(batch, parser, name, checkpoint=True)
+                source = sources.get(key) or resolve_source(store, path, batch.identity)[0]
+                ingester.submit(batch, parser, name, source)
                 ingester.wait()
                 if on_batch:
                     on_batch(summary)

@@ -76,6 +76,10 @@ checkpoints = sa.Table(
     sa.Column("dev", sa.BigInteger),
     sa.Column("inode", sa.BigInteger),
     sa.Column("first_line_hash", sa.String(64)),
+    # Hash of the first `probe_len` bytes when first read: tells a rotated or compressed copy of
+    # this file (same content, resume) from another file that merely starts with the same line.
+    sa.Column("probe_len", sa.BigInteger),
+    sa.Column("probe_hash", sa.String(64)),
     sa.Column("byte_offset", sa.BigInteger, nullable=False),
     sa.Column("line_no", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
@@ -115,6 +119,8 @@ class Checkpoint:
     first_line_hash: str | None
     byte_offset: int
     line_no: int
+    probe_len: int | None = None
+    probe_hash: str | None = None
 
 
 @dataclass
@@ -196,7 +202,8 @@ class Store:
         if row is None:
             return None
         return Checkpoint(
-            row.source_key, row.path, row.dev, row.inode, row.first_line_hash, row.byte_offset, row.line_no
+            row.source_key, row.path, row.dev, row.inode, row.first_line_hash, row.byte_offset, row.line_no,
+            row.probe_len, row.probe_hash,
         )
 
     # ---- bulk writes -------------------------------------------------------------------------
@@ -297,10 +304,10 @@ class Store:
 
     def _write_checkpoint(self, raw: Any, cp: Checkpoint, now: datetime) -> None:
         mark = "?" if self.dialect == "sqlite" else "%s"
-        marks = ", ".join([mark] * 8)
+        marks = ", ".join([mark] * 10)
         sql = (
             "INSERT INTO checkpoints (source_key, path, dev, inode, first_line_hash, byte_offset, line_no, "
-            f"updated_at) VALUES ({marks}) ON CONFLICT (source_key) DO UPDATE SET path = excluded.path, "
+            f"updated_at, probe_len, probe_hash) VALUES ({marks}) ON CONFLICT (source_key) DO UPDATE SET path = excluded.path, "
             "dev = excluded.dev, inode = excluded.inode, byte_offset = excluded.byte_offset, "
             "line_no = excluded.line_no, updated_at = excluded.updated_at "
             "WHERE excluded.byte_offset >= checkpoints.byte_offset"
@@ -308,7 +315,8 @@ class Store:
         cur = raw.cursor()
         cur.execute(
             sql,
-            (cp.source_key, cp.path, cp.dev, cp.inode, cp.first_line_hash, cp.byte_offset, cp.line_no, self._ts_param(now)),
+            (cp.source_key, cp.path, cp.dev, cp.inode, cp.first_line_hash, cp.byte_offset, cp.line_no,
+             self._ts_param(now), cp.probe_len, cp.probe_hash),
         )
         cur.close()
 

@@ -87,7 +87,7 @@ CYRUS_FAIL = (
 # Sendmail: `QUEUEID: AUTH failure (LOGIN): authentication failure ..., user=u, relay=host [ip]`.
 SENDMAIL_FAIL = rf"(?s){_HOST}{_TAG}: (?:[0-9A-Za-z]+: )?AUTH failure \((?P<mech>[^)]*)\): (?P<text>.*)$"
 
-# Literal or cheap tests that route a line to at most one of the patterns above.
+# Literal or cheap tests that say which of the patterns above may match a line.
 _ROUTES: list[tuple[str, pl.Expr]] = [
     ("postfix_fail", pl.col("rest").str.contains(" authentication failed:", literal=True)),
     ("postfix_ok", pl.col("rest").str.contains("sasl_username=", literal=True)),
@@ -187,22 +187,23 @@ class SmtpAuthParser(Parser):
         rejected += list(bad_time.select("row", "ts_error").iter_rows())
         timed = split.filter(pl.col("ts").is_not_null()).select("row", "ts", "rest")
 
+        # `route` is the first shape whose keyword the line contains; it only names the reject
+        # reason. Every shape whose keyword appears gets its try, in order, so text a client put
+        # in a HELO or user name cannot steer a real failure away from the pattern that fits it.
         route = pl.lit(None, dtype=pl.String)
         for name, test in reversed(_ROUTES):
             route = pl.when(test).then(pl.lit(name)).otherwise(route)
-        timed = timed.with_columns(route.alias("route"))
+        pool = timed.select("row", "rest", route.alias("route"), *[test.alias(f"k_{n}") for n, test in _ROUTES])
 
         shaped: list[pl.DataFrame] = []
-        unmatched: list[pl.DataFrame] = []
         for name, build in _SHAPES.items():
-            part = timed.filter(pl.col("route") == name)
+            part = pool.filter(pl.col(f"k_{name}"))
             if part.height == 0:
                 continue
-            matched, missed = build(part)
+            matched = build(part.select("row", "rest"))
             shaped.append(matched)
-            unmatched.append(missed.select("row", "rest", "route"))
-        unrouted = timed.filter(pl.col("route").is_null()).select("row", "rest", "route")
-        leftovers = pl.concat([*unmatched, unrouted]) if unmatched else unrouted
+            pool = pool.join(matched.select("row"), on="row", how="anti")
+        leftovers = pool.select("row", "rest", "route")
 
         # Per-line fallback only for rows that carry a hint of a rarer shape; the rest of a mail
         # log (queue activity, rejects, connects) is rejected without a Python loop.
@@ -234,12 +235,12 @@ def _scalar_reason_for_unmatched(route: str | None) -> str:
 # --------------------------------------------------------------------------- vectorised shapes
 
 
-def _split_matched(part: pl.DataFrame, pattern: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Extract `pattern`'s groups; rows where it does not match are returned separately."""
+def _matching(part: pl.DataFrame, pattern: str) -> pl.DataFrame:
+    """Rows that `pattern` matches, with its groups as columns."""
     extracted = part.with_columns(pl.col("rest").str.extract_groups(pattern).alias("g")).unnest("g")
     # Every pattern has a mandatory `ip` or `tag` group: it is null exactly when nothing matched.
     key = "ip" if "(?P<ip>" in pattern else "tag"
-    return extracted.filter(pl.col(key).is_not_null()), extracted.filter(pl.col(key).is_null()).select(part.columns)
+    return extracted.filter(pl.col(key).is_not_null())
 
 
 def _upper_token(expr: pl.Expr) -> pl.Expr:
@@ -248,8 +249,8 @@ def _upper_token(expr: pl.Expr) -> pl.Expr:
     return pl.when(token.str.contains(r"^[A-Z0-9_+-]{1,40}$")).then(token).otherwise(pl.lit(None, dtype=pl.String))
 
 
-def _postfix_fail(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    m, missed = _split_matched(part, POSTFIX_FAIL)
+def _postfix_fail(part: pl.DataFrame) -> pl.DataFrame:
+    m = _matching(part, POSTFIX_FAIL)
     reason = pl.col("reason")
     outcome = (
         pl.when(reason.str.contains("Connection lost to authentication server", literal=True))
@@ -266,11 +267,11 @@ def _postfix_fail(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         reason.str.extract(r"(?s)\bsasl_username=(.*)$", 1).alias("account"),
         _upper_token(pl.col("mech")).alias("method"),
         outcome.alias("outcome"),
-    ), missed
+    )
 
 
-def _postfix_ok(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    m, missed = _split_matched(part, POSTFIX_OK)
+def _postfix_ok(part: pl.DataFrame) -> pl.DataFrame:
+    m = _matching(part, POSTFIX_OK)
     return m.select(
         "row",
         pl.lit("smtp").alias("svc"),
@@ -279,25 +280,25 @@ def _postfix_ok(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("user").alias("account"),
         _upper_token(pl.col("mech")).alias("method"),
         pl.lit(Outcome.OK.value).alias("outcome"),
-    ), missed
+    )
 
 
-def _postfix_lost(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _postfix_lost(part: pl.DataFrame) -> pl.DataFrame:
     # The client hung up inside the AUTH exchange. When a password was actually rejected Postfix
     # has already logged "SASL ... authentication failed" for it; counting this line as a failure
     # too would double every brute-force attempt that disconnects (fail2ban's gh-3505 reasoning).
-    m, missed = _split_matched(part, POSTFIX_LOST)
+    m = _matching(part, POSTFIX_LOST)
     return m.select(
         "row",
         pl.lit("smtp").alias("svc"),
         pl.col("tag").str.contains("/smtps/", literal=True).alias("secure"),
         pl.col("ip").alias("ip_raw"),
         pl.lit(Outcome.CLIENT_ERROR.value).alias("outcome"),
-    ), missed
+    )
 
 
-def _exim(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    m, missed = _split_matched(part, EXIM_FAIL)
+def _exim(part: pl.DataFrame) -> pl.DataFrame:
+    m = _matching(part, EXIM_FAIL)
     status = pl.col("status").cast(pl.Int64, strict=False)
     return m.select(
         "row",
@@ -312,7 +313,7 @@ def _exim(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .then(pl.lit(Outcome.SERVER_ERROR.value))
         .otherwise(pl.lit(Outcome.AUTH_FAILED.value))
         .alias("outcome"),
-    ), missed
+    )
 
 
 def _method_from_authenticator(name: pl.Expr) -> pl.Expr:
@@ -327,14 +328,12 @@ def _method_from_authenticator(name: pl.Expr) -> pl.Expr:
     )
 
 
-def _courier(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    m, missed = _split_matched(part, COURIER)
+def _courier(part: pl.DataFrame) -> pl.DataFrame:
+    m = _matching(part, COURIER)
     fields = pl.col("fields")
     # The last `ip=[...]` is Courier's own; an earlier one could only come from the user name.
     ip = fields.str.extract(r"(?s)^.*\bip=\[([^\]]*)\]", 1)
-    m = m.with_columns(ip.alias("ip"))
-    matched = m.filter(pl.col("ip").is_not_null())
-    missed = pl.concat([missed, m.filter(pl.col("ip").is_null()).select(part.columns)])
+    matched = m.with_columns(ip.alias("ip")).filter(pl.col("ip").is_not_null())
     failed = pl.col("kind") == "LOGIN FAILED"
     return matched.select(
         "row",
@@ -344,11 +343,11 @@ def _courier(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         fields.str.extract(r"(?s)^user=(.*?), (?:method=|ip=\[)", 1).alias("account"),
         _upper_token(fields.str.extract(r"(?:^|, )method=([^,]*)", 1)).alias("method"),
         pl.when(failed).then(pl.lit(Outcome.AUTH_FAILED.value)).otherwise(pl.lit(Outcome.OK.value)).alias("outcome"),
-    ), missed
+    )
 
 
-def _cyrus(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    m, missed = _split_matched(part, CYRUS_FAIL)
+def _cyrus(part: pl.DataFrame) -> pl.DataFrame:
+    m = _matching(part, CYRUS_FAIL)
     return m.select(
         "row",
         pl.col("tag").alias("svc"),
@@ -361,17 +360,15 @@ def _cyrus(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .then(pl.lit(Outcome.CLIENT_ERROR.value))
         .otherwise(pl.lit(Outcome.AUTH_FAILED.value))
         .alias("outcome"),
-    ), missed
+    )
 
 
-def _sendmail(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    m, missed = _split_matched(part, SENDMAIL_FAIL)
+def _sendmail(part: pl.DataFrame) -> pl.DataFrame:
+    m = _matching(part, SENDMAIL_FAIL)
     text = pl.col("text")
     # The last `relay=` is sendmail's own; earlier ones can only come from the user name.
     ip = text.str.extract(r"(?s)^.*\brelay=(?:[^\s\[\]]+ )?\[([^\]\s]*)\]", 1)
-    m = m.with_columns(ip.alias("ip"))
-    matched = m.filter(pl.col("ip").is_not_null())
-    missed = pl.concat([missed, m.filter(pl.col("ip").is_null()).select(part.columns)])
+    matched = m.with_columns(ip.alias("ip")).filter(pl.col("ip").is_not_null())
     return matched.select(
         "row",
         pl.lit("smtp").alias("svc"),
@@ -380,11 +377,11 @@ def _sendmail(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         text.str.extract(r"(?s), user=(.*?), relay=", 1).alias("account"),
         _upper_token(pl.col("mech")).alias("method"),
         pl.lit(Outcome.AUTH_FAILED.value).alias("outcome"),
-    ), missed
+    )
 
 
-def _dovecot_login(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    m, missed = _split_matched(part, DOVECOT_LOGIN)
+def _dovecot_login(part: pl.DataFrame) -> pl.DataFrame:
+    m = _matching(part, DOVECOT_LOGIN)
     text = pl.col("text")
     failed = text.str.contains(DOVECOT_LOGIN_FAIL)
     succeeded = text.str.starts_with("Login: ")
@@ -402,12 +399,12 @@ def _dovecot_login(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .otherwise(pl.lit(None, dtype=pl.String))
         .alias("outcome"),
         pl.when(failed | succeeded).then(pl.lit(None, dtype=pl.String)).otherwise(pl.lit(NOT_AUTH)).alias("reject"),
-    ), missed
+    )
 
 
-def _dovecot_auth(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    new, rest = _split_matched(part, DOVECOT_AUTH_24)
-    old, missed = _split_matched(rest, DOVECOT_AUTH)
+def _dovecot_auth(part: pl.DataFrame) -> pl.DataFrame:
+    new = _matching(part, DOVECOT_AUTH_24)
+    old = _matching(part.join(new.select("row"), on="row", how="anti"), DOVECOT_AUTH)
     frames = []
     for m, has_extra in ((new, True), (old, False)):
         msg = pl.col("msg")
@@ -433,7 +430,7 @@ def _dovecot_auth(part: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
                 pl.when(failed).then(pl.lit(None, dtype=pl.String)).otherwise(pl.lit(NOT_AUTH)).alias("reject"),
             )
         )
-    return pl.concat([_conform_shape(f) for f in frames]), missed
+    return pl.concat([_conform_shape(f) for f in frames])
 
 
 def _password_logged(msg: pl.Expr) -> pl.Expr:
@@ -442,7 +439,7 @@ def _password_logged(msg: pl.Expr) -> pl.Expr:
     return msg.str.contains(r"\(given password: |(?:^|[\s,(])(?:given_)?password=")
 
 
-_SHAPES: dict[str, Callable[[pl.DataFrame], tuple[pl.DataFrame, pl.DataFrame]]] = {
+_SHAPES: dict[str, Callable[[pl.DataFrame], pl.DataFrame]] = {
     "postfix_fail": _postfix_fail,
     "postfix_ok": _postfix_ok,
     "postfix_lost": _postfix_lost,

@@ -62,6 +62,29 @@ def test_gz_copy_of_an_ingested_file_adds_nothing(shared_data: Path, tmp_path: P
     store.close()
 
 
+def test_files_sharing_a_first_line_are_not_mistaken_for_copies(tmp_path: Path) -> None:
+    header = "# exported by the same tool, same header line in every file\n"
+    line = '203.0.113.{n} - - [02/Nov/2026:10:00:00 +0000] "GET /v3/stats HTTP/1.1" 200 1 "-" "x"\n'
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text(header + "".join(line.format(n=i) for i in range(5)))
+    b.write_text(header + "".join(line.format(n=100 + i) for i in range(7)))
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    store = Store.open(url)
+    settings = _settings(url, tmp_path)
+    first = ingest_paths(store, settings, [str(a), str(b)], "combined")
+    assert (first.events_stored, first.duplicates) == (12, 0)
+    # Re-running finds each file's own checkpoint: nothing is read twice.
+    again = ingest_paths(store, settings, [str(a), str(b)], "combined")
+    assert (again.lines_read, again.events_stored) == (0, 0)
+    # A compressed rotation of a.log is recognised as a copy and adds nothing.
+    with open(a, "rb") as f_in, gzip.open(tmp_path / "a.log.1.gz", "wb") as f_out:
+        shutil.copyfileobj(f_in, f_out)
+    rotated = ingest_paths(store, settings, [str(tmp_path / "a.log.1.gz")], "combined")
+    assert rotated.events_stored == 0
+    assert store.count_events() == 12
+    store.close()
+
+
 def test_every_real_file_ingests_with_auto(shared_data: Path, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'all.db'}"
     store = Store.open(url)
@@ -69,6 +92,8 @@ def test_every_real_file_ingests_with_auto(shared_data: Path, tmp_path: Path) ->
     files = sorted(p for p in shared_data.rglob("*") if p.is_file() and p.suffix not in (".md", ".csv"))
     assert len(files) > 50
     total = ingest_paths(store, settings, [str(p) for p in files], "auto")
+    # Several fail2ban files start with the same line; they are still different files.
+    assert total.duplicates == 0
     assert total.lines_read == total.events_stored + total.quarantined
     assert store.count_events() + store.count_quarantine() == total.lines_read
     # Combined, JSON and SMTP-auth files were recognised as such.

@@ -195,6 +195,26 @@ def test_client_chosen_text_cannot_move_the_blame(line: str, ip: str) -> None:
     assert events[0]["source_ip"] == ip
 
 
+def test_keywords_in_client_text_cannot_hide_a_failure() -> None:
+    # Each HELO or user name below holds another daemon's keyword; the line must still be read
+    # by the pattern that fits it.
+    lines = [
+        "2026-02-01 10:00:00 login authenticator failed for (x authentication failed: y) [203.0.113.60]: 535 "
+        "Incorrect authentication data (set_id=ann)",
+        "Feb  1 10:00:01 mx dovecot: imap-login: Disconnected (auth failed, 1 attempts): "
+        "user=<a: badlogin: b AUTH failure (x) sasl_username=>, rip=203.0.113.61",
+        "Feb  1 10:00:02 mx postfix/smtpd[1]: warning: unknown[203.0.113.62]: SASL LOGIN authentication failed: "
+        "x: LOGIN, lost connection after AUTH -login",
+    ]
+    events, rejected = parse(lines)
+    assert not rejected
+    assert [(e["source_ip"], e["outcome"]) for e in events.values()] == [
+        ("203.0.113.60", Outcome.AUTH_FAILED),
+        ("203.0.113.61", Outcome.AUTH_FAILED),
+        ("203.0.113.62", Outcome.AUTH_FAILED),
+    ]
+
+
 def test_pam_unix_outside_mail_services_is_not_ours() -> None:
     events, rejected = parse(
         ["Feb  1 10:00:00 mx sshd[9]: pam_unix(sshd:auth): authentication failure; rhost=203.0.113.9 user=root"]

@@ -61,6 +61,8 @@ def upgrade() -> None:
         sa.Column("dev", sa.BigInteger),
         sa.Column("inode", sa.BigInteger),
         sa.Column("first_line_hash", sa.String(64)),
+        sa.Column("probe_len", sa.BigInteger),
+        sa.Column("probe_hash", sa.String(64)),
         sa.Column("byte_offset", sa.BigInteger, nullable=False),
         sa.Column("line_no", sa.BigInteger, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
