@@ -225,9 +225,11 @@ def client_bucket(address: str) -> str:
         addr = ipaddress.ip_address(address)
     except ValueError:
         return address
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is None:
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr.ipv4_mapped or addr)
+    return str(addr)
 
 
 class FailureLimiter:

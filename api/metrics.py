@@ -20,18 +20,23 @@ class Family:
     samples: dict[LabelKey, float] = field(default_factory=dict)
     # Summaries keep a sum and a count per label set.
     counts: dict[LabelKey, float] = field(default_factory=dict)
+    # Unlabelled counters show 0 before their first event, so rate() and alerts work from the start.
+    labelled: bool = True
 
 
 # Everything this process counts, declared once so /metrics always shows every family (at 0).
 DECLARED = [
-    ("mailwarden_api_requests_total", "counter", "API requests by method, route template and status."),
-    ("mailwarden_api_request_duration_seconds", "summary", "Time to answer API requests, by route template."),
-    ("mailwarden_api_auth_failures_total", "counter", "Requests refused for a missing, wrong or revoked key."),
-    ("mailwarden_api_rate_limited_total", "counter", "Requests refused because the client failed to authenticate too often."),
-    ("mailwarden_ingest_lines_total", "counter", "Lines received on POST /ingest, by format."),
-    ("mailwarden_ingest_events_stored_total", "counter", "Events stored from POST /ingest (new ids only), by format."),
-    ("mailwarden_ingest_duplicates_total", "counter", "Pushed lines whose event id was already stored, by format."),
-    ("mailwarden_ingest_quarantined_total", "counter", "Pushed lines quarantined, by format."),
+    ("mailwarden_api_requests_total", "counter", "API requests by method, route template and status.", True),
+    ("mailwarden_api_request_duration_seconds", "summary", "Time to answer API requests, by route template.", True),
+    ("mailwarden_api_auth_failures_total", "counter", "Requests refused for a missing, wrong or revoked key.", True),
+    ("mailwarden_api_rate_limited_total", "counter",
+     "Requests refused because the client failed to authenticate too often.", False),
+    ("mailwarden_ingest_lines_total", "counter", "Lines received on POST /ingest, by format.", True),
+    ("mailwarden_ingest_events_stored_total", "counter", "Events stored from POST /ingest (new ids only), by format.",
+     True),
+    ("mailwarden_ingest_duplicates_total", "counter", "Pushed lines whose event id was already stored, by format.",
+     True),
+    ("mailwarden_ingest_quarantined_total", "counter", "Pushed lines quarantined, by format.", True),
 ]
 
 
@@ -60,7 +65,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._families: dict[str, Family] = {name: Family(name, kind, text) for name, kind, text in DECLARED}
+        self._families: dict[str, Family] = {
+            name: Family(name, kind, text, labelled=labelled) for name, kind, text, labelled in DECLARED
+        }
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         key = tuple(sorted((k, str(v)) for k, v in labels.items()))
@@ -85,7 +92,8 @@ class Metrics:
         lines: list[str] = []
         with self._lock:
             families = [
-                Family(f.name, f.kind, f.help, dict(f.samples), dict(f.counts)) for f in self._families.values()
+                Family(f.name, f.kind, f.help, dict(f.samples), dict(f.counts), f.labelled)
+                for f in self._families.values()
             ]
         for family in [*families, *gauges]:
             lines.append(f"# HELP {family.name} {family.help}")
@@ -95,7 +103,7 @@ class Metrics:
                     lines.append(f"{family.name}_sum{_labels(key)} {format_value(family.samples[key])}")
                     lines.append(f"{family.name}_count{_labels(key)} {format_value(family.counts.get(key, 0.0))}")
                 continue
-            if not family.samples and family.kind == "counter":
+            if not family.samples and not family.labelled:
                 lines.append(f"{family.name} 0")
             for key in sorted(family.samples):
                 lines.append(f"{family.name}{_labels(key)} {format_value(family.samples[key])}")

@@ -338,7 +338,7 @@ class ApiQueries:
         conds = query.conditions()
         position = decode_cursor(cursor) if cursor else None
         exact = query.network is None
-        chunk = limit + 1 if exact else max(4 * (limit + 1), 1000)
+        chunk = limit + 1 if exact else min(max(4 * (limit + 1), 1000), max(scan_budget, 1))
         found: list[dict[str, Any]] = []
         scanned = 0
         last: tuple[datetime, str] | None = None
@@ -535,6 +535,35 @@ class ApiQueries:
                     out[alert["alert_id"]] = silence["silence_id"]
                     break
         return out
+
+    def apply_silences(self, now: datetime | None = None) -> tuple[int, int]:
+        """Open alerts an active silence matches become silenced (notify skips those); silenced
+        alerts no active silence matches any more are open again. Returns (silenced, reopened).
+
+        Run after a silence changes, and after each detection run so new alerts are muted too.
+        """
+        now = now or datetime.now(timezone.utc)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(alerts.c.alert_id, alerts.c.detector, alerts.c.entity_kind, alerts.c.entity, alerts.c.status)
+                .where(alerts.c.status.in_([AlertStatus.OPEN.value, AlertStatus.SILENCED.value]))
+            ).all()
+        matched = self.silencing([dict(r._mapping) for r in rows], now)
+        to_silence = [r.alert_id for r in rows if r.status == AlertStatus.OPEN.value and r.alert_id in matched]
+        to_open = [r.alert_id for r in rows if r.status == AlertStatus.SILENCED.value and r.alert_id not in matched]
+        with self.engine.begin() as conn:
+            for ids, old, new in (
+                (to_silence, AlertStatus.OPEN, AlertStatus.SILENCED),
+                (to_open, AlertStatus.SILENCED, AlertStatus.OPEN),
+            ):
+                # The old status is part of the WHERE: an ack that raced us is not overwritten.
+                for start in range(0, len(ids), 500):
+                    conn.execute(
+                        alerts.update()
+                        .where(alerts.c.alert_id.in_(ids[start : start + 500]), alerts.c.status == old.value)
+                        .values(status=new.value, updated_at=now)
+                    )
+        return len(to_silence), len(to_open)
 
     # ---- audit -------------------------------------------------------------------------------
     def write_audit(self, entry: Mapping[str, Any]) -> None:

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     batch_lines: int = 50_000
     # Per-detector parameters: [detectors.ip_burst] threshold = 600
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Chat routes ([[routes]] tables); parsed by pipeline.notify.load_routes. URLs and signing keys
+    # are never here, only the names of the environment variables holding them.
+    routes: list[dict[str, Any]] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(

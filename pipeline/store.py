@@ -158,7 +158,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # NORMAL in WAL mode survives process crashes (not power loss): the trade-off SQLite documents.
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=60000")
-    cur.execute("PRAGMA cache_size=-65536")
+    cur.execute("PRAGMA cache_size=-262144")  # 256 MiB: index pages of a big batch stay in memory
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
 

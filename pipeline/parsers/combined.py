@@ -570,41 +570,46 @@ class CombinedParser(Parser):
             _key=key,
         )
         if "request" not in have:
-            return lf.with_columns(**self._request_exprs())
+            return self._request_stage(lf)
         # Requests repeat a lot in real traffic; the costly URL work runs once per distinct one.
-        distinct = lf.select(pl.col("request").unique()).with_columns(**self._request_exprs())
+        distinct = self._request_stage(lf.select(pl.col("request").unique()))
         return lf.join(distinct, on="request", how="left", nulls_equal=True, maintain_order="left")
 
-    def _request_exprs(self) -> dict[str, pl.Expr]:
+    def _request_stage(self, lf: pl.LazyFrame) -> pl.LazyFrame:
+        """Method, normalised path and the request flags; each step a column so none runs twice."""
         have = self._have
         if "request" in have:
             # Apache writes a quote inside the request as \"; nginx as \x22, which we keep.
             request = pl.col("request").fill_null("").str.replace_all('\\"', '"', literal=True)
-            parts = request.str.extract_groups(_REQUEST_LINE)
-            method = parts.struct.field("method")
-            target = parts.struct.field("url")
-            empty = request.str.strip_chars().is_in(["", "-"])
+            lf = lf.with_columns(_request=request).with_columns(
+                _parts=pl.col("_request").str.extract_groups(_REQUEST_LINE)
+            )
+            lf = lf.with_columns(
+                _method=pl.col("_parts").struct.field("method"),
+                _target=pl.col("_parts").struct.field("url"),
+                _empty=pl.col("_request").str.strip_chars().is_in(["", "-"]),
+            ).drop("_parts")
         else:
-            request = pl.lit("", pl.String)
             method = self._value("request_method").str.to_uppercase()
             target = self._value("request_uri")
             if "request_uri" not in have and "uri" in have:
                 uri, args = self._value("uri"), self._value("args")
                 target = pl.when(args.is_not_null()).then(pl.format("{}?{}", uri, args)).otherwise(uri)
-            target = pl.when(method.is_not_null()).then(target)
-            empty = method.is_null() & target.is_null()
-        tls = request.str.contains(_TLS_HANDSHAKE)
-        control = request.str.contains(_CONTROL_CHARS)
-        # Non-ASCII bytes in a well-formed request line are a sloppy client, not binary junk.
-        unparsed_bytes = method.is_null() & request.str.contains(_ESCAPED_BYTES)
-        return {
-            "_method": method,
-            "_path": normalise_path_expr(target),
-            "_secret": has_secret_expr(target).fill_null(False),
-            "_tls": tls,
-            "_binary": ~tls & (control | unparsed_bytes),
-            "_empty": empty,
-        }
+            lf = lf.with_columns(_request=pl.lit("", pl.String), _method=method)
+            lf = lf.with_columns(_target=pl.when(pl.col("_method").is_not_null()).then(target))
+            lf = lf.with_columns(_empty=pl.col("_method").is_null() & pl.col("_target").is_null())
+        request = pl.col("_request")
+        lf = lf.with_columns(
+            _path=normalise_path_expr(pl.col("_target")),
+            _secret=has_secret_expr(pl.col("_target")).fill_null(False),
+            _tls=request.str.contains(_TLS_HANDSHAKE),
+            _control=request.str.contains(_CONTROL_CHARS),
+            # Non-ASCII bytes in a well-formed request line are a sloppy client, not binary junk.
+            _unparsed=pl.col("_method").is_null() & request.str.contains(_ESCAPED_BYTES),
+        )
+        return lf.with_columns(_binary=~pl.col("_tls") & (pl.col("_control") | pl.col("_unparsed"))).drop(
+            "_request", "_target", "_control", "_unparsed"
+        )
 
     def _timestamp_expr(self) -> pl.Expr:
         have = self._have

@@ -357,12 +357,12 @@ class JsonLinesParser(Parser):
         if self._networks and plan.columns.get("forwarded_for"):
             frame = frame.with_columns(self._apply_forwarded_for(frame["ip"], frame["forwarded_for"]).alias("ip"))
 
-        reason = _reason(mapping)
-        frame = frame.with_columns(reason.alias("reason"))
-        bad = frame.filter(pl.col("reason").is_not_null())
-        rejected = list(bad.select("row", "reason").iter_rows())
-        good = frame.filter(pl.col("reason").is_null())
-        return conform(_finish(good, mapping, self.ctx.pepper)), rejected
+        frame = frame.with_columns(_reason(mapping).alias("reason"))
+        rejected: list[tuple[int, str]] = []
+        if frame["reason"].null_count() < frame.height:
+            rejected = list(frame.filter(pl.col("reason").is_not_null()).select("row", "reason").iter_rows())
+            frame = frame.filter(pl.col("reason").is_null())
+        return conform(_finish(frame, mapping, self.ctx.pepper)), rejected
 
     def _apply_forwarded_for(self, ips: pl.Series, forwarded: pl.Series) -> pl.Series:
         """Right-most untrusted X-Forwarded-For address, for rows whose client is a trusted proxy."""
@@ -558,9 +558,12 @@ def _decode(plan: _Plan, lines: list[str]) -> tuple[pl.DataFrame, list[tuple[int
     frame = pl.concat(parts) if parts else pl.DataFrame(schema=schema)
     # polars reads `[1]`, `"x"` or `null` as an object without fields; only a per-line look
     # tells those apart from a real object that lacks every mapped field.
-    empty = pl.all_horizontal(pl.col(name).is_null() for name in plan.names)
-    slow.extend(frame.filter(empty)["row"].to_list())
-    frame = frame.filter(~empty)
+    empty = frame.select(pl.all_horizontal(pl.col(name).is_null() for name in plan.names))[:, 0]
+    if empty.any():  # filtering copies every column: only pay for it when needed
+        slow.extend(frame.filter(empty)["row"].to_list())
+        frame = frame.filter(~empty)
+    if not slow:
+        return frame, []
     slow_frame, rejected = _read_slow(plan, lines, slow, schema)
     return pl.concat([frame, slow_frame]), rejected
 

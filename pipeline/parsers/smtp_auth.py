@@ -14,7 +14,7 @@ import polars as pl
 from pipeline.parsers import register
 from pipeline.parsers.base import ParseContext, ParsedBatch, Parser, conform, empty_events
 from pipeline.parsers.syslog import MAX_LINE_CHARS, Clock, line_series, split_lines
-from pipeline.schema import Flag, Outcome
+from pipeline.schema import Flag, Outcome, Service
 
 NOT_AUTH = "not an authentication event"
 
@@ -99,6 +99,7 @@ _ROUTES: list[tuple[str, pl.Expr]] = [
     ("dovecot_login", pl.col("rest").str.contains("-login", literal=True)),
     ("dovecot_auth", pl.col("rest").str.contains(r"auth(?:-worker)?[(:]")),
 ]
+FALLBACK_MAX_CHARS = 2048
 # Shapes only the per-line fallback knows (rare, or needing logic beyond one regex).
 _FALLBACK_HINT = (
     r"(?i)pam_unix\(|possible SMTP attack: command=AUTH|AUTH=server, |\sA=[A-Za-z0-9_-]+:"
@@ -206,9 +207,12 @@ class SmtpAuthParser(Parser):
         leftovers = pool.select("row", "rest", "route")
 
         # Per-line fallback only for rows that carry a hint of a rarer shape; the rest of a mail
-        # log (queue activity, rejects, connects) is rejected without a Python loop.
-        hinted = leftovers.filter(pl.col("rest").str.contains(_FALLBACK_HINT))
-        plain = leftovers.filter(~pl.col("rest").str.contains(_FALLBACK_HINT))
+        # log (queue activity, rejects, connects) is rejected without a Python loop. Python's
+        # backtracking regexes can go quadratic on crafted text, so the fallback only sees lines
+        # of plausible length (the longest real auth line in fail2ban's samples is ~400 chars).
+        slow_path = pl.col("rest").str.contains(_FALLBACK_HINT) & (pl.col("rest").str.len_chars() <= FALLBACK_MAX_CHARS)
+        hinted = leftovers.filter(slow_path)
+        plain = leftovers.filter(~slow_path)
         rejected += list(plain.select("row", _reason_for_unmatched()).iter_rows())
         slow, slow_rejects = _fallback(hinted)
         rejected += slow_rejects
@@ -423,7 +427,10 @@ def _dovecot_auth(part: pl.DataFrame) -> pl.DataFrame:
                 pl.col("ip").alias("ip_raw"),
                 pl.col("user").alias("account"),
                 method.alias("method"),
-                pl.when(failed).then(pl.lit(Outcome.AUTH_FAILED.value)).otherwise(pl.lit(None, dtype=pl.String)).alias("outcome"),
+                pl.when(failed)
+                .then(pl.lit(Outcome.AUTH_FAILED.value))
+                .otherwise(pl.lit(None, dtype=pl.String))
+                .alias("outcome"),
                 # auth_verbose_passwords=plain puts the tried password in the line. It never
                 # reaches the event (no free text is kept); the flag makes the leak a finding.
                 pl.when(_password_logged(msg)).then(pl.lit(Flag.PASSWORD_LOGGED.value)).alias("flags"),
@@ -493,11 +500,14 @@ _SENDMAIL_OK = re.compile(
     r"\[(?P<ip>[^\]\s]*)\](?: \(may be forged\))?, authid=(?P<user>.*?), mech=(?P<mech>[^,\s]+), bits=",
     re.S,
 )
+# Exim message arrival after SMTP AUTH: `ID <= sender H=host (helo) [ip]:port I=... P=esmtpsa
+# A=dovecot_plain:alice S=...`. Matched in two anchored steps to keep Python's regex linear.
 _EXIM_OK = re.compile(
-    _HOST + _EXIM + r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4} <= .*? H=(?:[^\s\[(]+ )?(?:\(.*?\) )?"
-    r"\[(?P<ip>[^\]\s]*)\](?::[0-9]+)?(?: I=\[[^\]]*\](?::(?P<lport>[0-9]+))?)?.*? A=(?P<auth>[A-Za-z0-9_-]+):(?P<user>\S+)",
+    _HOST + _EXIM + r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4} <= \S* (?:R=\S+ )?"
+    r"H=(?:[^\s\[(]+ )?(?:\([^)]*\) )?\[(?P<ip>[^\]\s]*)\](?::[0-9]+)?(?: I=\[[^\]\s]*\](?::(?P<lport>[0-9]+))?)?",
     re.S,
 )
+_EXIM_OK_AUTH = re.compile(r"\sA=(?P<auth>[A-Za-z0-9_-]+):(?P<user>\S+)")
 # Exim refuses AUTH it did not advertise (plain-text port, no TLS): a login attempt it would not
 # even check, like Dovecot's "tried to use disabled plaintext auth". The tail after the address
 # is Exim's own text; the quoted command before it is the client's.
@@ -539,13 +549,13 @@ def _fallback_line(rest: str) -> _Hit | str:
         return _Hit(svc="smtp", ip_raw=m["ip"], outcome=Outcome.OK.value, account=m["user"], method=m["mech"])
     if m := _EXIM_AUTH_ERROR.match(rest):
         return _exim_auth_error(m)
-    if m := _EXIM_OK.match(rest):
+    if (m := _EXIM_OK.match(rest)) and (a := _EXIM_OK_AUTH.search(rest, m.end())):
         return _Hit(
             svc="smtp",
             ip_raw=m["ip"],
             outcome=Outcome.OK.value,
-            account=m["user"],
-            method=_scalar_method_from_authenticator(m["auth"]),
+            account=a["user"],
+            method=_scalar_method_from_authenticator(a["auth"]),
             secure=m["lport"] == "465",
         )
     if m := _CYRUS_OK.match(rest):
@@ -631,12 +641,13 @@ def _fallback(hinted: pl.DataFrame) -> tuple[pl.DataFrame, list[tuple[int, str]]
 
 
 def _service(svc: pl.Expr) -> pl.Expr:
+    """Protocol from the text that names it: a syslog tag, PAM service or Dovecot login name."""
     lowered = svc.str.to_lowercase()
     return (
-        pl.when(lowered.str.contains("imap")).then(pl.lit("imap"))
-        .when(lowered.str.contains("pop")).then(pl.lit("pop3"))
+        pl.when(lowered.str.contains("imap")).then(pl.lit(Service.IMAP.value))
+        .when(lowered.str.contains("pop")).then(pl.lit(Service.POP3.value))
         .when(lowered.str.contains(r"smtp|submission|sendmail|sm-mta|exim|postfix|mta"))
-        .then(pl.lit("smtp"))
+        .then(pl.lit(Service.SMTP.value))
         .otherwise(pl.lit(None, dtype=pl.String))
     )
 

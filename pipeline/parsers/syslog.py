@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import polars as pl
@@ -55,6 +55,7 @@ TAI64_EPOCH = 2**62 + 10
 _MAX_EPOCH_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the end of what datetimes hold
 
 UTC_DTYPE = pl.Datetime("us", "UTC")
+FOLD_JITTER = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -293,14 +294,15 @@ def localize(wall: pl.Expr, tz: str) -> pl.Expr:
     Times in the repeated hour when clocks go back are ambiguous. Within a batch we read them as
     the first pass until the log's clock has visibly gone backwards inside that hour on that day,
     and as the second pass from then on, so a log written across the change stays in order.
-    Times inside the skipped hour do not exist and become null.
+    Steps back of a minute or less are the usual jitter between processes writing one log, not
+    the change. Times inside the skipped hour do not exist and become null.
     """
     earliest = wall.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
     latest = wall.dt.replace_time_zone(tz, ambiguous="latest", non_existent="null")
     ambiguous = earliest.is_not_null() & (earliest != latest)
     day = wall.dt.date()
     previous_max = wall.shift(1).cum_max().over(day)
-    went_back = (ambiguous & (previous_max > wall)).fill_null(False)
+    went_back = (ambiguous & (previous_max - wall > FOLD_JITTER)).fill_null(False)
     second_pass = went_back.cast(pl.Int32).cum_sum().over(day) > 0
     chosen = pl.when(ambiguous & second_pass).then(latest).otherwise(earliest)
     return chosen.dt.convert_time_zone("UTC")

@@ -105,9 +105,26 @@ def test_tai64n_label_before_the_epoch_is_rejected() -> None:
     ],
 )
 def test_iso_and_precise_stamps(stamp: str, expected: datetime) -> None:
-    events, rejected = parse([postfix_failure(stamp)], timezone="Europe/Berlin", reference_time=datetime(2026, 8, 1, tzinfo=UTC))
+    august = datetime(2026, 8, 1, tzinfo=UTC)
+    events, rejected = parse([postfix_failure(stamp)], timezone="Europe/Berlin", reference_time=august)
     assert not rejected
     assert events[0]["ts"] == expected
+
+
+def test_repeated_autumn_hour_tolerates_jitter_but_follows_the_change() -> None:
+    stamps = ["Oct 25 02:40:05", "Oct 25 02:40:03", "Oct 25 02:58:00", "Oct 25 02:10:00", "Oct 25 02:40:04"]
+    events, rejected = parse(
+        [postfix_failure(s) for s in stamps], timezone="Europe/Berlin", reference_time=datetime(2026, 11, 1, tzinfo=UTC)
+    )
+    assert not rejected
+    # CEST (+2) until the clock visibly restarts the hour, CET (+1) after; 2 s back is jitter.
+    assert [events[row]["ts"].strftime("%H:%M:%S") for row in range(5)] == [
+        "00:40:05",
+        "00:40:03",
+        "00:58:00",
+        "01:10:00",
+        "01:40:04",
+    ]
 
 
 def test_offset_out_of_range_is_rejected() -> None:
@@ -256,8 +273,10 @@ def test_exim_auth_plain_initial_response_never_reaches_the_event() -> None:
 def test_dovecot_logged_password_appears_nowhere() -> None:
     secret = "Winter2026!x"
     lines = [
-        f"Feb  1 10:00:00 auth(ann,203.0.113.30,sasl:plain)<s1>: Info: sql: Password mismatch (given password: {secret})",
-        f"Feb  1 10:00:01 auth-worker(ann,203.0.113.30)<1><s1>: request [3]: Info: sql: Password mismatch (given password: {secret})",
+        "Feb  1 10:00:00 auth(ann,203.0.113.30,sasl:plain)<s1>: Info: sql: Password mismatch "
+        f"(given password: {secret})",
+        "Feb  1 10:00:01 auth-worker(ann,203.0.113.30)<1><s1>: request [3]: Info: sql: Password mismatch "
+        f"(given password: {secret})",
         f"Feb  1 10:00:02 auth(ann,203.0.113.30,sasl:plain)<s1>: Info: sql: lookup failed (given password: {secret})",
     ]
     batch = SmtpAuthParser(ParseContext(reference_time=datetime(2026, 3, 1, tzinfo=UTC))).parse(lines)
@@ -271,7 +290,8 @@ def test_dovecot_logged_password_appears_nowhere() -> None:
 def test_outcomes_for_non_credential_failures() -> None:
     lines = [
         "Feb  1 10:00:00 mx cyrus/imap[1]: badlogin: h [203.0.113.40] NTLM [SASL(-4): no mechanism available]",
-        "2026-02-01 10:00:00 SMTP protocol error in \"AUTH NTLM\" H=(x) [203.0.113.41] NTLM authentication mechanism not supported",
+        '2026-02-01 10:00:00 SMTP protocol error in "AUTH NTLM" H=(x) [203.0.113.41] '
+        "NTLM authentication mechanism not supported",
     ]
     events, _ = parse(lines)
     assert [events[0]["outcome"], events[1]["outcome"]] == [Outcome.CLIENT_ERROR, Outcome.CLIENT_ERROR]
@@ -367,7 +387,8 @@ _SEED_LINES = [
     "<38>1 2026-01-05T09:00:05Z mx1 dovecot 812 - [a b=\"c\"] imap-login: Login: user=<k>, rip=203.0.113.94",
     "@40000000695b7d9a1dcd6500 dovecot-auth: pam_unix(dovecot:auth): authentication failure; rhost=1.2.3.4",
     "Feb 24 14:00:00 server sendmail[26592]: u0CB32qX026592: [192.0.2.1]: possible SMTP attack: command=AUTH, count=5",
-    '2026-02-01 10:00:00 SMTP protocol error in "AUTH PLAIN AGEAYg==" H=(x) [203.0.113.20] AUTH command used when not advertised',
+    '2026-02-01 10:00:00 SMTP protocol error in "AUTH PLAIN AGEAYg==" H=(x) [203.0.113.20] '
+    "AUTH command used when not advertised",
 ]
 
 
@@ -405,12 +426,32 @@ def test_any_input_becomes_exactly_one_event_or_reject(lines: list[str], tz: str
 
 def test_non_text_and_oversized_entries_are_rejected_not_raised() -> None:
     lines: list[object] = [postfix_failure("Feb  1 10:00:00"), None, 42, "x" * (MAX_LINE_CHARS + 1), "\udcff bad"]
-    batch = SmtpAuthParser(ParseContext(reference_time=datetime(2026, 3, 1, tzinfo=UTC))).parse(lines)  # type: ignore[arg-type]
+    parser = SmtpAuthParser(ParseContext(reference_time=datetime(2026, 3, 1, tzinfo=UTC)))
+    batch = parser.parse(lines)  # type: ignore[arg-type]
     reasons = dict(batch.rejected)
     assert batch.events["row"].to_list() == [0]
     assert reasons[1] == reasons[2] == "line is not text"
     assert reasons[3].startswith("line longer than")
     assert reasons[4] == "no recognised timestamp"
+
+
+def test_per_line_fallback_stays_fast_on_crafted_lines() -> None:
+    # Shapes the per-line fallback handles, stuffed with the separators its patterns look for.
+    width = smtp_auth_module.FALLBACK_MAX_CHARS
+    crafted = [
+        ('2026-02-01 10:00:00 SMTP protocol error in "' + '" H= [' * width)[:width],
+        ("2026-02-01 10:00:00 1vAbCd-000Efg-Hi <= " + " H=(x) [1.2.3.4] A=" * width)[:width],
+        ("Feb  1 10:00:00 h auth: pam_unix(dovecot:auth): authentication failure;" + " rhost=" * width)[:width],
+        ("Feb  1 10:00:00 h sm-mta[1]: q: AUTH=server, relay=[1.2.3.4], authid=" + ", mech=x" * width)[:width],
+    ]
+    started = time.perf_counter()
+    events, rejected = parse(crafted * 25)
+    assert time.perf_counter() - started < 2.0
+    assert len(events) + len(rejected) == 100
+    # Past the fallback's length limit the same hint is simply not an authentication event.
+    too_long = "Feb  1 10:00:00 h auth: pam_unix(dovecot:auth): authentication failure; rhost=1.2.3.4 " + "x" * width
+    _, rejected = parse([too_long])
+    assert rejected[0] == "not an authentication event"
 
 
 def test_empty_batch() -> None:

@@ -1,0 +1,1 @@
+"""One module per resource; each router declares its prefix, tags and the scope it requires."""
