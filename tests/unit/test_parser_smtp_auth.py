@@ -410,7 +410,7 @@ def hostile_lines(draw: st.DrawFn) -> str:
     return seed[:start] + draw(st.text(max_size=20)) + seed[end:]
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=st.lists(hostile_lines(), min_size=1, max_size=12), tz=st.sampled_from(["UTC", "Europe/Berlin"]))
 def test_any_input_becomes_exactly_one_event_or_reject(lines: list[str], tz: str) -> None:
     ctx = ParseContext(timezone=tz, reference_time=datetime(2026, 3, 1, tzinfo=UTC) + timedelta(days=len(lines)))
