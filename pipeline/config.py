@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,6 +21,27 @@ from pipeline.schema import ConfigError
 log = logging.getLogger(__name__)
 
 CONFIG_FILE_ENV = "MAILWARDEN_CONFIG"
+
+
+class SourceConfig(BaseModel):
+    """One group of log files the service follows: `[[sources]] paths = [...]; format = "combined"`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paths: list[str]
+    format: str = "auto"
+
+
+class ScheduleConfig(BaseModel):
+    """How often the service runs each job (`[schedule]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detect_seconds: float = Field(60.0, gt=0)
+    notify_seconds: float = Field(5.0, gt=0)
+    train_hours: float = Field(24.0, gt=0)
+    # How far back the first detect run looks when the store has no watermark yet.
+    initial_lookback_hours: float = Field(24.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -53,6 +74,9 @@ class Settings(BaseSettings):
     # Chat routes ([[routes]] tables); parsed by pipeline.notify.load_routes. URLs and signing keys
     # are never here, only the names of the environment variables holding them.
     routes: list[dict[str, Any]] = Field(default_factory=list)
+    # Log files the service (`mailwarden run`) follows.
+    sources: list[SourceConfig] = Field(default_factory=list)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @classmethod
     def settings_customise_sources(

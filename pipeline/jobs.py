@@ -418,7 +418,27 @@ def detect_range(
     return summary
 
 
+def detect_once(store: Store, settings: Settings, now: datetime | None = None) -> DetectSummary:
+    """One scheduled detect tick: from the watermark to the newest stored event (or `now`).
+
+    Data time, not the clock, bounds the run, so a lagging source or a restart after downtime
+    catches up over everything it missed, and each detector still sees its lookback before it.
+    """
+    stored = store.event_time_range()
+    if stored is None:
+        return DetectSummary(None, None)
+    until = stored[1] if now is None else min(now, stored[1])
+    watermark = store.get_watermark("detect")
+    since = watermark or max(stored[0], until - timedelta(hours=settings.schedule.initial_lookback_hours))
+    if watermark is not None and since >= until:
+        return DetectSummary(since, until)
+    summary = detect_range(store, settings, since, until)
+    store.set_watermark("detect", until)
+    return summary
+
+
 __all__ = [
+    "detect_once",
     "IngestSummary",
     "DetectSummary",
     "ingest_paths",

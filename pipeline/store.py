@@ -106,6 +106,15 @@ alerts = sa.Table(
     sa.Index("ix_alerts_status", "status"),
 )
 
+job_state = sa.Table(
+    "job_state",
+    metadata,
+    # Per job, the data time it has covered: a restarted service catches up from here.
+    sa.Column("job", sa.String(64), primary_key=True),
+    sa.Column("watermark", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # Raw lines longer than this are cut in quarantine (the offset still points at the full line).
 QUARANTINE_RAW_LIMIT = 64 * 1024
 
@@ -360,6 +369,21 @@ class Store:
     def count_quarantine(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(quarantine)).scalar_one()
+
+    # ---- job watermarks -----------------------------------------------------------------------
+    def get_watermark(self, job: str) -> datetime | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(job_state.c.watermark).where(job_state.c.job == job)).scalar()
+        return _utc(_as_datetime(value)) if value is not None else None
+
+    def set_watermark(self, job: str, watermark: datetime) -> None:
+        now = datetime.now(timezone.utc)
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                job_state.update().where(job_state.c.job == job).values(watermark=_utc(watermark), updated_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(job_state.insert().values(job=job, watermark=_utc(watermark), updated_at=now))
 
     # ---- alerts ------------------------------------------------------------------------------
     def upsert_alerts(self, found: Sequence[Alert]) -> tuple[int, int]:

@@ -84,10 +84,16 @@ def upgrade() -> None:
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
     )
+    op.create_table(
+        "job_state",
+        sa.Column("job", sa.String(64), primary_key=True),
+        sa.Column("watermark", TS, nullable=False),
+        sa.Column("updated_at", TS, nullable=False),
+    )
     op.create_index("ix_alerts_detector_window", "alerts", ["detector", "window_start"])
     op.create_index("ix_alerts_status", "alerts", ["status"])
 
 
 def downgrade() -> None:
-    for table in ("alerts", "checkpoints", "quarantine", "events"):
+    for table in ("job_state", "alerts", "checkpoints", "quarantine", "events"):
         op.drop_table(table)
