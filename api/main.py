@@ -33,7 +33,9 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "the store is unavailable; retry later"}, status_code=503)
 
 
-def create_app(settings: Settings | None = None, *, store: Store | None = None, limits: ApiLimits | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, store: Store | None = None, limits: ApiLimits | None = None
+) -> FastAPI:
     """The API on `settings.database_url` (or on `store`, which the caller then owns and closes)."""
     settings = settings or load_settings()
     owned = store is None

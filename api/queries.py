@@ -303,7 +303,8 @@ class ApiQueries:
         return alert, "unchanged" if alert["status"] == status.value else "conflict"
 
     def alert_events(self, alert: Mapping[str, Any], limit: int = EVIDENCE_EVENTS) -> list[dict[str, Any]]:
-        """The evidence events of an alert: its sample event ids, else its entity's events in its window."""
+        """The evidence events of an alert, oldest first: its sample event ids, else its entity's
+        events in its window."""
         ids = [str(i) for i in (alert.get("evidence") or {}).get("sample_event_ids") or []][:limit]
         if ids:
             with self.engine.connect() as conn:
@@ -324,7 +325,8 @@ class ApiQueries:
                 return []
         except ValueError:
             return []
-        return self.search_events(query, limit=limit).items
+        # The newest `limit` of them, told in order like the sample events.
+        return list(reversed(self.search_events(query, limit=limit).items))
 
     # ---- events ------------------------------------------------------------------------------
     def search_events(

@@ -74,6 +74,8 @@ class Result:
     ok: bool = False
     error: str = ""
     extra: dict = field(default_factory=dict)
+    # 1-minute load average when the run started: other work on the machine skews every figure.
+    load: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
     def lines_per_s(self) -> float:
@@ -82,7 +84,8 @@ class Result:
     def as_dict(self) -> dict:
         return {"tool": self.tool, "input": self.input, "lines": self.lines, "seconds": round(self.seconds, 3),
                 "lines_per_s": round(self.lines_per_s, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
-                "ok": self.ok, "error": self.error, **({"extra": self.extra} if self.extra else {})}
+                "ok": self.ok, "error": self.error, "load_at_start": round(self.load, 2),
+                **({"extra": self.extra} if self.extra else {})}
 
 
 @dataclass
@@ -488,6 +491,9 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
     started = time.time()
     machine = machine_info()
     say(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, Python {machine['python']}")
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        say(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other work will skew these figures")
 
     # ---- inputs
     t = time.perf_counter()
@@ -590,8 +596,10 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
             r = task.run(round_no)
             task.results.append(r)
             if r.ok:
+                stored = r.extra.get("events_stored")
                 say(f"  {r.tool:<26} {task.input:<26} {r.lines_per_s:>11,.0f} lines/s  {r.seconds:7.2f} s  "
-                    f"peak {r.peak_rss_mb:6.0f} MB")
+                    f"peak {r.peak_rss_mb:6.0f} MB  load {r.load:4.1f}"
+                    + (f"  stored {stored:,}" if stored is not None else ""))
             else:
                 task.broken = r.error
                 say(f"  {r.tool:<26} {task.input:<26} FAILED: {r.error}")

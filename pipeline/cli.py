@@ -32,6 +32,16 @@ app = typer.Typer(
 db_app = typer.Typer(help="Store maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
+
+def _mount_subcommands() -> None:
+    # The API and notification packages own their commands; the CLI only mounts them.
+    from api.cli import apikey_app, serve
+    from pipeline.notify.cli import notify_app
+
+    app.add_typer(apikey_app, name="apikey")
+    app.add_typer(notify_app, name="notify")
+    app.command("serve")(serve)
+
 # Piped output is not cut to 80 columns: alert titles are the point of the table.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
@@ -148,6 +158,7 @@ def detect(
     store = Store.open(settings.database_url)
     try:
         summary = detect_range(store, settings, _parse_time(since, "since"), _parse_time(until, "until"))
+        _apply_silences(store)
     finally:
         store.close()
     if summary.since is None:
@@ -249,6 +260,39 @@ def demo(
     err.print(f"labels of the injected attacks: {data_dir / 'labels.csv'}")
 
 
+def _apply_silences(store: Store) -> None:
+    from api.queries import ApiQueries
+
+    ApiQueries(store).apply_silences()
+
+
+@app.command()
+def run(
+    host: Annotated[str, typer.Option(help="API address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="API port.")] = 8000,
+    tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="PEM certificate for HTTPS.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="PEM private key for HTTPS.")] = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """The service: follow the configured sources, detect and notify on schedule, serve the API."""
+    from api.cli import serve
+    from pipeline.scheduler import Service
+
+    settings = _settings(database_url)
+    store = Store.open(settings.database_url)
+    service = Service(settings, store, after_detect=_apply_silences)
+    service.start()
+    err.print(
+        f"following {sum(len(s.paths) for s in settings.sources)} path(s); detect every "
+        f"{settings.schedule.detect_seconds:g} s, {len(service.routes())} chat route(s)"
+    )
+    try:
+        serve(host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, database_url=database_url)
+    finally:
+        service.stop()
+        store.close()
+
+
 @db_app.command("upgrade")
 def db_upgrade(database_url: DatabaseOption = None) -> None:
     """Create or migrate the store's tables to the current schema."""
@@ -266,6 +310,7 @@ def main() -> None:
     """Entry point: every MailwardenError is one line on stderr and exit code 2, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="mailwarden: %(levelname)s: %(message)s")
     try:
+        _mount_subcommands()
         app(standalone_mode=False)
     except MailwardenError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)

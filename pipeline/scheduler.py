@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -23,9 +24,11 @@ class Service:
     a detect run that took longer than its interval simply makes the next one cover more data.
     """
 
-    def __init__(self, settings: Settings, store: Store):
+    def __init__(self, settings: Settings, store: Store, after_detect: Callable[[Store], None] | None = None):
         self.settings = settings
         self.store = store
+        # Wiring hook (the API's silences re-applied to new alerts) so this module needs no API import.
+        self.after_detect = after_detect
         self.stop_event = threading.Event()
         self._followers: list[threading.Thread] = []
         self.scheduler = BackgroundScheduler(
@@ -38,6 +41,8 @@ class Service:
     def detect_job(self) -> None:
         try:
             summary = detect_once(self.store, self.settings)
+            if self.after_detect is not None:
+                self.after_detect(self.store)
             if summary.alerts_new:
                 log.warning("detect: %d new alerts (%s)", summary.alerts_new, dict(summary.by_detector))
         except Exception:  # a failed tick is logged and retried next tick; the service keeps running

@@ -20,7 +20,9 @@ def audit(
     since: datetime | None = None,
     key_id: str | None = None,
     client_ip: str | None = None,
-    outcome: Annotated[str | None, Query(description="ok, missing_key, bad_key, revoked_key, rate_limited, forbidden, …")] = None,
+    outcome: Annotated[
+        str | None, Query(description="ok, missing_key, bad_key, revoked_key, rate_limited, forbidden, …")
+    ] = None,
     before_id: Annotated[int | None, Query(description="Page backwards: audit_id of the last row seen.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditOut]:

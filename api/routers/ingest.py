@@ -52,9 +52,15 @@ async def ingest(
     request: Request,
     state: StateDep,
     principal: Ingester,
-    format_: Annotated[str | None, Query(alias="format", description="auto (default), combined, json, smtp-auth")] = None,
-    batch_id: Annotated[str | None, Query(description="The client's id for this batch: resending it is a no-op.")] = None,
-    x_batch_id: Annotated[str | None, Header(description="Alternative to ?batch_id= for shippers that set headers.")] = None,
+    format_: Annotated[
+        str | None, Query(alias="format", description="auto (default), combined, json, smtp-auth")
+    ] = None,
+    batch_id: Annotated[
+        str | None, Query(description="The client's id for this batch: resending it is a no-op.")
+    ] = None,
+    x_batch_id: Annotated[
+        str | None, Header(description="Alternative to ?batch_id= for shippers that set headers.")
+    ] = None,
 ) -> IngestOut:
     """Store a batch of raw log lines (plain, JSON or NDJSON body, optionally gzip).
 

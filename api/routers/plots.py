@@ -30,7 +30,9 @@ Loader = Callable[[ApiQueries, datetime, datetime], pd.DataFrame]
 
 # The query whose frame each figure draws; a figure without a loader is not served.
 LOADERS: dict[str, Loader] = {
-    "requests_over_time": lambda q, since, until: q.requests_over_time_frame(since, until, bucket_seconds(since, until)),
+    "requests_over_time": lambda q, since, until: q.requests_over_time_frame(
+        since, until, bucket_seconds(since, until)
+    ),
     "top_ips": lambda q, since, until: q.top_ips_frame(since, until, top=20),
 }
 

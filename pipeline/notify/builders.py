@@ -237,6 +237,10 @@ def facts(v: AlertView) -> list[tuple[str, str]]:
     return rows
 
 
+# Facts too long to sit side by side with others.
+_WIDE_FACTS = ("Evidence", "Window")
+
+
 def headline(views: Sequence[AlertView], digest: bool = False) -> str:
     if len(views) == 1 and not digest:
         v = views[0]
@@ -270,14 +274,19 @@ def default_message_id(route: Route, views: Sequence[AlertView], now: datetime) 
 
 # ---- builders ----------------------------------------------------------------------------------
 Builder = Callable[..., Prepared]
+AlertsIn = Iterable[Alert | AlertView | Mapping[str, Any]]
 
 
-def build_slack(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build_slack(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
     """Incoming webhook with Block Kit: header (plain text, 150 chars), one section per alert with its
     facts as fields (at most 10, 2000 chars each), a context footer; `text` is the notification."""
     views = ordered(alerts)
     title = headline(views, digest)
-    blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": clean(title, 150), "emoji": True}}]
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": clean(title, 150), "emoji": True}}
+    ]
     for v in views[:MAX_SHOWN]:
         fields = [{"type": "mrkdwn", "text": f"*{k}*\n{slack_escape(val)}"} for k, val in facts(v)][:10]
         blocks.append(
@@ -289,13 +298,16 @@ def build_slack(alerts, route: Route, now: datetime, *, digest: bool = False, me
         )
         blocks.append({"type": "divider"})
     if len(views) > MAX_SHOWN:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(_more(len(views) - MAX_SHOWN))}]})
+        more = slack_escape(_more(len(views) - MAX_SHOWN))
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": more}]})
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(_footer(route, now))}]})
     payload = {"text": slack_escape(title), "blocks": blocks}
     return Prepared(route.url.get_secret_value(), dict(JSON_HEADERS), _json(payload))
 
 
-def build_teams(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build_teams(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
     """Workflows ("Post to a channel when a webhook request is received") expects a message whose
     attachment is an Adaptive Card; 1.4 is the highest version every Teams client renders."""
     views = ordered(alerts)
@@ -316,7 +328,13 @@ def build_teams(alerts, route: Route, now: datetime, *, digest: bool = False, me
                 "type": "Container",
                 "separator": True,
                 "items": [
-                    {"type": "TextBlock", "text": neutral(clean(v.title, 400)), "weight": "Bolder", "wrap": True, "color": _TEAMS_COLOR[v.severity]},
+                    {
+                        "type": "TextBlock",
+                        "text": neutral(clean(v.title, 400)),
+                        "weight": "Bolder",
+                        "wrap": True,
+                        "color": _TEAMS_COLOR[v.severity],
+                    },
                     {"type": "FactSet", "facts": [{"title": k, "value": neutral(val)} for k, val in facts(v)]},
                 ],
             }
@@ -333,12 +351,16 @@ def build_teams(alerts, route: Route, now: datetime, *, digest: bool = False, me
     }
     payload = {
         "type": "message",
-        "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}],
+        "attachments": [
+            {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}
+        ],
     }
     return Prepared(route.url.get_secret_value(), dict(JSON_HEADERS), _json(payload))
 
 
-def build_feishu(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build_feishu(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
     """Custom bot interactive card. Untrusted text goes only into plain_text elements, which render
     no markdown and no `<at id=all>` mention. With a signing key, `timestamp` (seconds) and `sign`
     ride in the body."""
@@ -353,7 +375,7 @@ def build_feishu(alerts, route: Route, now: datetime, *, digest: bool = False, m
                 "tag": "div",
                 "text": {"tag": "plain_text", "content": clean(f"{str(v.severity).upper()}: {v.title}", 400)},
                 "fields": [
-                    {"is_short": k not in ("Evidence", "Window"), "text": {"tag": "plain_text", "content": f"{k}: {val}"}}
+                    {"is_short": k not in _WIDE_FACTS, "text": {"tag": "plain_text", "content": f"{k}: {val}"}}
                     for k, val in facts(v)
                 ],
             }
@@ -363,7 +385,10 @@ def build_feishu(alerts, route: Route, now: datetime, *, digest: bool = False, m
     elements.append({"tag": "note", "elements": [{"tag": "plain_text", "content": _footer(route, now)}]})
     card = {
         "config": {"wide_screen_mode": True},
-        "header": {"template": _FEISHU_TEMPLATE[top], "title": {"tag": "plain_text", "content": clean(headline(views, digest), 100)}},
+        "header": {
+            "template": _FEISHU_TEMPLATE[top],
+            "title": {"tag": "plain_text", "content": clean(headline(views, digest), 100)},
+        },
         "elements": elements,
     }
     payload: dict[str, Any] = {}
@@ -374,7 +399,9 @@ def build_feishu(alerts, route: Route, now: datetime, *, digest: bool = False, m
     return Prepared(route.url.get_secret_value(), dict(JSON_HEADERS), _json(payload))
 
 
-def build_dingtalk(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build_dingtalk(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
     """Robot markdown message; with a signing key the URL gets `timestamp` (ms) and `sign`."""
     views = ordered(alerts)
     title = neutral(headline(views, digest))
@@ -403,14 +430,17 @@ def _wecom_color(severity: Severity) -> str:
     return "warning" if severity >= Severity.MEDIUM else "comment"
 
 
-def build_wecom(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build_wecom(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
     """Group robot markdown, packed alert by alert until the 4096-byte limit."""
     views = ordered(alerts)
     head = f"**{neutral(headline(views, digest))}**\n"
     foot = f"\n> <font color=\"comment\">{neutral(_footer(route, now))}</font>"
     chunks: list[str] = []
     for v in views[:MAX_SHOWN]:
-        rows = [f"\n<font color=\"{_wecom_color(v.severity)}\">{str(v.severity).upper()}</font> {neutral(clean(v.title, 300))}"]
+        label = f"<font color=\"{_wecom_color(v.severity)}\">{str(v.severity).upper()}</font>"
+        rows = [f"\n{label} {neutral(clean(v.title, 300))}"]
         rows += [f"> {k}: {neutral(val)}" for k, val in facts(v) if k != "Severity"]
         chunks.append("\n".join(rows) + "\n")
     content = _pack(head, chunks, foot, len(views), WECOM_MAX_BYTES)
@@ -435,7 +465,9 @@ def _pack(head: str, chunks: list[str], foot: str, total: int, max_bytes: int) -
     return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
 
 
-def build_discord(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build_discord(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
     """Webhook with one embed per alert (at most 10 and 6000 characters in all); allowed_mentions
     parses nothing, so no text can ping @everyone or a role."""
     views = ordered(alerts)
@@ -446,7 +478,10 @@ def build_discord(alerts, route: Route, now: datetime, *, digest: bool = False, 
         embed = {
             "title": clean(markdown_escape(clean(v.title, 240)), 256),
             "color": _RGB[v.severity],
-            "fields": [{"name": k, "value": markdown_escape(val)[:1024] or "-", "inline": k not in ("Evidence", "Window")} for k, val in facts(v)],
+            "fields": [
+                {"name": k, "value": markdown_escape(val)[:1024] or "-", "inline": k not in _WIDE_FACTS}
+                for k, val in facts(v)
+            ],
             "timestamp": v.window_end.isoformat().replace("+00:00", "Z"),
             "footer": {"text": footer},
         }
@@ -498,7 +533,9 @@ def _common(maps: list[dict[str, str]]) -> dict[str, str]:
     return {k: val for k, val in first.items() if all(m.get(k) == val for m in maps[1:])}
 
 
-def build_generic(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build_generic(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
     """Alertmanager's webhook v4 JSON, so existing receivers parse it; signed with Standard Webhooks
     headers when the route has a `whsec_` key. Machines read it, so no alert is left out."""
     views = ordered(alerts)
@@ -556,5 +593,8 @@ BUILDERS: dict[str, Builder] = {
 }
 
 
-def build(alerts, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None) -> Prepared:
+def build(
+    alerts: AlertsIn, route: Route, now: datetime, *, digest: bool = False, message_id: str | None = None
+) -> Prepared:
+    """Dispatch on the route's platform."""
     return BUILDERS[route.platform](alerts, route, now, digest=digest, message_id=message_id)

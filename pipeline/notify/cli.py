@@ -17,6 +17,12 @@ notify_app = typer.Typer(help="Chat notifications.", no_args_is_help=True)
 out = Console()
 
 
+@notify_app.callback()
+def _group() -> None:
+    """Chat notifications: routes, test messages."""
+    # A callback keeps `notify` a command group even while `test` is its only command.
+
+
 @notify_app.command("test")
 def test(route: Annotated[str, typer.Argument(help="Name of a route from the [[routes]] settings.")]) -> None:
     """Send a sample alert to ROUTE now (filters and rate limits do not apply) and report the answer."""

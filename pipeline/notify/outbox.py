@@ -33,6 +33,7 @@ from pipeline.store import Store, alerts, metadata
 log = logging.getLogger(__name__)
 
 TS = sa.DateTime(timezone=True)
+_BIGINT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 outbox = sa.Table(
     "outbox",
@@ -65,7 +66,8 @@ outbox = sa.Table(
 deliveries = sa.Table(
     "deliveries",
     metadata,
-    sa.Column("delivery_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    # INTEGER on SQLite so the key is the rowid and autoincrements; BIGINT identity on PostgreSQL.
+    sa.Column("delivery_id", _BIGINT_ID, primary_key=True, autoincrement=True),
     sa.Column("message_id", sa.String(40), nullable=False),
     sa.Column("route", sa.String(64), nullable=False),
     sa.Column("platform", sa.String(16), nullable=False),
@@ -162,6 +164,10 @@ def backoff_seconds(attempts: int, message_id: str) -> float:
     return min(BACKOFF_MAX_S, base * (0.8 + 0.4 * fraction))
 
 
+def _is_due(now: datetime) -> sa.ColumnElement[bool]:
+    return sa.and_(outbox.c.status == PENDING, outbox.c.next_attempt_at <= now)
+
+
 def _insert_ignore(dialect: str, table: sa.Table) -> Any:
     if dialect == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
@@ -230,7 +236,14 @@ def enqueue(store: Store, routes: Sequence[Route], now: datetime) -> int:
 
 def _latest_rounds(conn: sa.Connection, route: str, alert_ids: list[str]) -> dict[str, Any]:
     latest: dict[str, Any] = {}
-    cols = [outbox.c.alert_id, outbox.c.seq, outbox.c.status, outbox.c.delivered_at, outbox.c.last_attempt_at, outbox.c.created_at]
+    cols = [
+        outbox.c.alert_id,
+        outbox.c.seq,
+        outbox.c.status,
+        outbox.c.delivered_at,
+        outbox.c.last_attempt_at,
+        outbox.c.created_at,
+    ]
     for chunk in _chunks(alert_ids):
         query = sa.select(*cols).where(outbox.c.route == route, outbox.c.alert_id.in_(list(chunk)))
         for row in conn.execute(query):
@@ -291,7 +304,8 @@ def drain(store: Store, routes: Sequence[Route], now: datetime, client: httpx.Cl
                     break
             if stop:
                 break
-        _save_limiter(store, route, limiter)
+        if limiter.changed:
+            _save_limiter(store, route, limiter)
 
 
 def _give_up(store: Store, route: Route, now: datetime, summary: NotifySummary) -> None:
@@ -313,7 +327,7 @@ def _give_up(store: Store, route: Route, now: datetime, summary: NotifySummary) 
 def _due(store: Store, route: Route, now: datetime) -> list[Any]:
     query = (
         sa.select(outbox)
-        .where(outbox.c.route == route.name, outbox.c.status == PENDING, outbox.c.next_attempt_at <= now)
+        .where(outbox.c.route == route.name, _is_due(now))
         .order_by(outbox.c.severity.desc(), outbox.c.created_at, outbox.c.notification_id)
         .limit(BATCH)
     )
@@ -333,7 +347,11 @@ def _ready_groups(store: Store, route: Route, due: list[Any], now: datetime) -> 
             for chunk in _chunks(keys):
                 query = (
                     sa.select(outbox.c.group_key, sa.func.max(outbox.c.delivered_at))
-                    .where(outbox.c.route == route.name, outbox.c.status == DELIVERED, outbox.c.group_key.in_(list(chunk)))
+                    .where(
+                        outbox.c.route == route.name,
+                        outbox.c.status == DELIVERED,
+                        outbox.c.group_key.in_(list(chunk)),
+                    )
                     .group_by(outbox.c.group_key)
                 )
                 for key, when in conn.execute(query):
@@ -353,7 +371,7 @@ def _ready_groups(store: Store, route: Route, due: list[Any], now: datetime) -> 
                 ids = [r.notification_id for r in rows]
                 conn.execute(
                     outbox.update()
-                    .where(outbox.c.notification_id.in_(ids), outbox.c.status == PENDING, outbox.c.next_attempt_at <= now)
+                    .where(_is_due(now), outbox.c.notification_id.in_(ids))
                     .values(next_attempt_at=when)
                 )
     return ready
@@ -368,10 +386,11 @@ def _claim(store: Store, route: Route, rows: list[Any], now: datetime) -> tuple[
     with store.engine.begin() as conn:
         conn.execute(
             outbox.update()
-            .where(outbox.c.notification_id.in_(ids), outbox.c.status == PENDING, outbox.c.next_attempt_at <= now)
+            .where(_is_due(now), outbox.c.notification_id.in_(ids))
             .values(claim=token, next_attempt_at=lease)
         )
-        claimed = list(conn.execute(sa.select(outbox).where(outbox.c.claim == token).order_by(outbox.c.notification_id)))
+        query = sa.select(outbox).where(outbox.c.claim == token).order_by(outbox.c.notification_id)
+        claimed = list(conn.execute(query))
     return token, claimed
 
 
@@ -478,7 +497,12 @@ def _record(
             return
         for r in rows:
             attempts = r.attempts + 1
-            values: dict[str, Any] = {"claim": None, "attempts": attempts, "last_attempt_at": now, "last_error": result.error}
+            values: dict[str, Any] = {
+                "claim": None,
+                "attempts": attempts,
+                "last_attempt_at": now,
+                "last_error": result.error,
+            }
             if result.retryable:
                 # Retry-After is the receiver's word: the next attempt is not before it.
                 wait = result.retry_after if result.retry_after is not None else backoff_seconds(attempts, message_id)
@@ -507,7 +531,8 @@ def _bucket_keys(route: Route) -> list[str]:
 def _load_limiter(store: Store, route: Route, now: datetime) -> DestinationLimiter:
     keys = _bucket_keys(route)
     with store.engine.connect() as conn:
-        saved = {r.bucket_key: r for r in conn.execute(sa.select(notify_buckets).where(notify_buckets.c.bucket_key.in_(keys)))}
+        query = sa.select(notify_buckets).where(notify_buckets.c.bucket_key.in_(keys))
+        saved = {r.bucket_key: r for r in conn.execute(query)}
     buckets = []
     for key, limit in zip(keys, PLATFORM_LIMITS[route.kind]):
         bucket = TokenBucket.full(limit, now)
@@ -530,7 +555,8 @@ def _save_limiter(store: Store, route: Route, limiter: DestinationLimiter) -> No
 # ---- reading -----------------------------------------------------------------------------------
 def delivery_log(store: Store, route: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Recent delivery attempts, newest first (safe to show: no URL, key or body is stored)."""
-    query = sa.select(deliveries).order_by(deliveries.c.attempted_at.desc(), deliveries.c.delivery_id.desc()).limit(limit)
+    newest_first = (deliveries.c.attempted_at.desc(), deliveries.c.delivery_id.desc())
+    query = sa.select(deliveries).order_by(*newest_first).limit(limit)
     if route:
         query = query.where(deliveries.c.route == route)
     with store.engine.connect() as conn:
@@ -553,7 +579,9 @@ def outbox_rows(store: Store, route: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def notify_once(store: Store, routes: Sequence[Route], now: datetime, client: httpx.Client | None = None) -> NotifySummary:
+def notify_once(
+    store: Store, routes: Sequence[Route], now: datetime, client: httpx.Client | None = None
+) -> NotifySummary:
     """Enqueue new alerts for every route, then send what is due. The scheduler calls this."""
     summary = NotifySummary()
     summary.enqueued = enqueue(store, routes, now)

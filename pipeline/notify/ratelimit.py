@@ -85,6 +85,8 @@ class DestinationLimiter:
 
     def __init__(self, buckets: Sequence[TokenBucket]):
         self.buckets = list(buckets)
+        # Whether a token was spent or a pause set: untouched state need not be written back.
+        self.changed = False
 
     @classmethod
     def fresh(cls, platform: str, now: datetime) -> DestinationLimiter:
@@ -99,11 +101,13 @@ class DestinationLimiter:
             return False
         for bucket in self.buckets:
             bucket.take(now)
+        self.changed = True
         return True
 
     def pause(self, seconds: float, now: datetime) -> None:
         for bucket in self.buckets:
             bucket.pause(seconds, now)
+        self.changed = True
 
     def next_token_in(self, now: datetime) -> float:
         """Seconds until one more message may go."""

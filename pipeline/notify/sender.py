@@ -63,7 +63,8 @@ def redact(text: str, secrets: Iterable[str]) -> str:
         parts = urlsplit(secret)
         # The whole value, then the pieces a message may quote alone: path (Slack, Discord, Feishu
         # tokens) and query (DingTalk access_token, WeCom key).
-        candidates = {secret, parts.path, parts.query, *parse_qs(parts.query).get("access_token", []), *parse_qs(parts.query).get("key", [])}
+        query = parse_qs(parts.query)
+        candidates = {secret, parts.path, parts.query, *query.get("access_token", []), *query.get("key", [])}
         for candidate in sorted(candidates, key=len, reverse=True):
             if len(candidate) >= 6:
                 out = out.replace(candidate, "<redacted>")
@@ -115,11 +116,15 @@ def classify(kind: str, response: httpx.Response, now: datetime, secrets: Iterab
             body_wait = _json_body(response).get("retry_after")
             if isinstance(body_wait, (int, float)):
                 retry_after = min(max(float(body_wait), 0.0), MAX_RETRY_AFTER_S)
-        return SendResult(False, True, status, retry_after, f"HTTP 429 rate limited: {_cut(response.text, secrets)}", throttled=True)
+        error = f"HTTP 429 rate limited: {_cut(response.text, secrets)}"
+        return SendResult(False, True, status, retry_after, error, throttled=True)
     if status in (408, 425) or status >= 500:
         return SendResult(False, True, status, retry_after, f"HTTP {status}: {_cut(response.text, secrets)}")
     if status >= 400:
         return SendResult(False, False, status, None, f"HTTP {status}: {_cut(response.text, secrets)}")
+    if 300 <= status < 400:
+        # Redirects are not followed (see make_client): the configured URL must be updated.
+        return SendResult(False, False, status, None, f"HTTP {status}: the webhook redirects; configure its new URL")
     if status < 200 or status >= 300:
         return SendResult(False, True, status, retry_after, f"unexpected HTTP {status}")
     check = _BODY_CHECKS.get(kind)
@@ -135,7 +140,8 @@ def _teams_body(response: httpx.Response, status: int, secrets: list[str]) -> Se
     match = _TEAMS_WRAPPED.search(text)
     inner = int(match.group(1)) if match else 429 if "Throttled" in text else 500
     retryable = inner == 429 or inner >= 500 or inner in (408, 425)
-    return SendResult(False, retryable, status, None, f"Teams reported HTTP {inner} in a 200 body", throttled=inner == 429)
+    error = f"Teams reported HTTP {inner} in a 200 body"
+    return SendResult(False, retryable, status, None, error, throttled=inner == 429)
 
 
 def _feishu_body(response: httpx.Response, status: int, secrets: list[str]) -> SendResult:

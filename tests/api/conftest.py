@@ -39,7 +39,9 @@ class Api:
         raw, _ = self.state.keys.create(name, scopes)
         return {"X-API-Key": raw}
 
-    def add_events(self, rows: Sequence[dict[str, Any]], source_key: str = "e" * 32, first_offset: int = 0) -> list[str]:
+    def add_events(
+        self, rows: Sequence[dict[str, Any]], source_key: str = "e" * 32, first_offset: int = 0
+    ) -> list[str]:
         """Store events (parser-shaped rows) directly; returns their ids in order."""
         offsets = [first_offset + 100 * i for i in range(len(rows))]
         ids = event_ids(source_key, offsets)
@@ -136,6 +138,21 @@ def sqlite_api(tmp_path: Path) -> Iterator[Api]:
     finally:
         harness.client.close()
         store.close()
+
+
+@pytest.fixture
+def api_factory(tmp_path: Path) -> Iterator[Callable[..., Api]]:
+    """build_api on a store the test made (e.g. one whose database is down)."""
+    made: list[Api] = []
+
+    def factory(store: Store, limits: ApiLimits = TEST_LIMITS) -> Api:
+        made.append(build_api(tmp_path, store, limits))
+        return made[-1]
+
+    yield factory
+    for harness in made:
+        harness.client.close()
+        harness.store.close()
 
 
 @pytest.fixture

@@ -129,7 +129,9 @@ def test_key_format_and_hash() -> None:
     assert raw.startswith(f"mwk_{key_id}_") and len(key_id) == 12
     assert split_key(raw) == key_id
     assert hash_key(raw) == hashlib.sha256(raw.encode()).hexdigest()
-    for bad in ("", "mwk_", f"mwk_{key_id}", f"mwk_{key_id}_", "xyz_" + raw[4:], raw + " ", raw + "!", "mwk_" + "G" * 12 + "_abc"):
+    malformed = ("", "mwk_", f"mwk_{key_id}", f"mwk_{key_id}_", "xyz_" + raw[4:], raw + " ", raw + "!",
+                 "mwk_" + "G" * 12 + "_abc", raw + "x" * 100)
+    for bad in malformed:
         assert split_key(bad) is None, bad
     assert generate_key()[1] != raw
 

@@ -102,16 +102,17 @@ def test_cidr_pages_stay_exact_under_a_small_scan_budget(api) -> None:
     api.add_events(_rows())
     net = ipaddress.ip_network("203.0.112.0/20")
     query = EventQuery(network=net)
-    found, cursor, calls = [], None, 0
+    found, cursor, short_pages = [], None, 0
     while True:
-        page = api.state.queries.search_events(query, limit=2, cursor=cursor, scan_budget=3)
-        calls += 1
+        page = api.state.queries.search_events(query, limit=3, cursor=cursor, scan_budget=3)
         found += [e["source_ip"] for e in page.items]
         cursor = page.next_cursor
         if cursor is None:
             break
+        short_pages += len(page.items) < 3
     assert found == _expected(lambda r: ipaddress.ip_address(r["source_ip"]) in net)
-    assert calls > 2  # the budget did cut scans short, and the cursor resumed them
+    # The budget cut a scan short (a page with fewer rows than asked, yet a cursor) and it resumed.
+    assert short_pages >= 1
 
 
 def test_stats(api) -> None:
@@ -133,8 +134,11 @@ def test_stats(api) -> None:
 
 @pytest.mark.parametrize(
     "cidr, prefix",
-    [("203.0.113.0/24", "203.0.113."), ("203.0.112.0/20", "203.0."), ("0.0.0.0/0", ""), ("10.0.0.0/7", ""),
-     ("2001:db8:1::/48", "2001:db8:1:"), ("2001:db8::/48", "2001:db8:"), ("::/0", ""), ("2001:db8:0:5::/64", "2001:db8:")],
+    [
+        ("203.0.113.0/24", "203.0.113."), ("203.0.112.0/20", "203.0."), ("0.0.0.0/0", ""), ("10.0.0.0/7", ""),
+        ("2001:db8:1::/48", "2001:db8:1:"), ("2001:db8::/48", "2001:db8:"), ("::/0", ""),
+        ("2001:db8:0:5::/64", "2001:db8:"),
+    ],
 )
 def test_network_text_prefix_is_a_prefix_of_every_member(cidr, prefix) -> None:
     net = ipaddress.ip_network(cidr)

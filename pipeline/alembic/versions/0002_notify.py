@@ -13,6 +13,7 @@ branch_labels = None
 depends_on = None
 
 TS = sa.DateTime(timezone=True)
+BIGINT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
@@ -40,7 +41,8 @@ def upgrade() -> None:
     op.create_index("ix_outbox_route_group", "outbox", ["route", "group_key"])
     op.create_table(
         "deliveries",
-        sa.Column("delivery_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+        # INTEGER on SQLite so the key is the rowid and autoincrements; BIGINT identity on PostgreSQL.
+        sa.Column("delivery_id", BIGINT_ID, primary_key=True, autoincrement=True),
         sa.Column("message_id", sa.String(40), nullable=False),
         sa.Column("route", sa.String(64), nullable=False),
         sa.Column("platform", sa.String(16), nullable=False),
