@@ -92,14 +92,17 @@ def _counting_handler(answers: list[tuple[int, str, dict]]):
     """Answer from the list in order, then 200 forever; keeps every request body received."""
     lock = threading.Lock()
     seen: list[bytes] = []
+    headers: list[dict[str, str]] = []
 
     def handler(request: Request) -> Response:
         with lock:
             seen.append(request.get_data())
+            headers.append(dict(request.headers))
             index = len(seen) - 1
-        status, body, headers = answers[index] if index < len(answers) else (200, "ok", {})
-        return Response(body, status=status, headers=headers)
+        status, body, extra = answers[index] if index < len(answers) else (200, "ok", {})
+        return Response(body, status=status, headers=extra)
 
+    handler.headers = headers  # type: ignore[attr-defined]
     return handler, seen
 
 
@@ -151,6 +154,9 @@ def test_receiver_answering_500_three_times_gets_the_alert_once_it_recovers(stor
     (row,) = outbox_rows(store, "soc")
     assert (row["status"], row["attempts"]) == (DELIVERED, 4)
     assert _delivered_alert_ids([seen[-1]]) == [alert.alert_id]
+    # What arrived is signed: the receiver verifies it with the shared whsec_ key.
+    assert standard_webhooks_verify(WHSEC, handler.headers[-1], seen[-1], now_s=int(now.timestamp()))
+    assert len({h["Webhook-Id"] for h in handler.headers}) == 1
     # Every attempt of the same message carries the same webhook-id (receivers can dedupe).
     log = delivery_log(store, "soc")
     assert [r["outcome"] for r in reversed(log)] == ["retry", "retry", "retry", "delivered"]
