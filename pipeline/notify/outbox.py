@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ from pipeline.schema import AlertStatus
 from pipeline.store import Store, alerts, metadata
 
 log = logging.getLogger(__name__)
+_run_lock = threading.Lock()
 
 TS = sa.DateTime(timezone=True)
 _BIGINT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -584,6 +586,9 @@ def notify_once(
 ) -> NotifySummary:
     """Enqueue new alerts for every route, then send what is due. The scheduler calls this."""
     summary = NotifySummary()
-    summary.enqueued = enqueue(store, routes, now)
-    drain(store, routes, now, client or shared_client(), summary)
+    # Claims already keep two runs from sending the same row; the lock also keeps two runs of one
+    # process (the detect tick and the notify interval) from both spending a bucket's tokens.
+    with _run_lock:
+        summary.enqueued = enqueue(store, routes, now)
+        drain(store, routes, now, client or shared_client(), summary)
     return summary
