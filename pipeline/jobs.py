@@ -18,8 +18,9 @@ import polars as pl
 from pipeline.config import Settings
 from pipeline.parsers import PARSERS, ParseContext, Parser, _load_builtin
 from pipeline.parsers.auto import sniff_format
+from pipeline.parsers.base import empty_events
 from pipeline.privacy import redact_texts
-from pipeline.schema import Alert, ConfigError, event_ids
+from pipeline.schema import Alert, ConfigError, event_id_expr, event_ids
 from pipeline.sources import (
     LineBatch,
     expand_paths,
@@ -158,9 +159,7 @@ def prepare_batch(
 ) -> tuple[pl.DataFrame, list[dict[str, Any]]]:
     """Parse one batch into store-ready events and quarantine rows (every line ends in one)."""
     source_key = source_key or batch.identity.key
-    ids = event_ids(source_key, batch.offsets)
     if parser is None:
-        parsed_rows: list[int] = []
         rejected = [(i, UNRECOGNISED) for i in range(len(batch.lines))]
         frame = None
     else:
@@ -169,27 +168,26 @@ def prepare_batch(
             frame, rejected = parsed.events, parsed.rejected
         except Exception as exc:  # a parser bug must not lose lines: they go to quarantine
             frame, rejected = None, [(i, f"parser error: {type(exc).__name__}: {exc}") for i in range(len(batch.lines))]
-        parsed_rows = frame["row"].to_list() if frame is not None else []
     if frame is not None and frame.height:
-        frame = frame.with_columns(
-            pl.Series("event_id", [ids[r] for r in parsed_rows], dtype=pl.String),
-            pl.Series("origin", [f"{batch.path}:{batch.offsets[r]}" for r in parsed_rows], dtype=pl.String),
-        )
+        offsets = pl.Series("offset", batch.offsets, dtype=pl.Int64)
+        frame = frame.with_columns(offsets.gather(frame["row"]).alias("_offset")).with_columns(
+            event_id_expr(source_key, pl.col("_offset")).alias("event_id"),
+            (pl.lit(f"{batch.path}:") + pl.col("_offset").cast(pl.String)).alias("origin"),
+        ).drop("_offset")
         # An event needs a time; a parser that gave none has in effect rejected the line.
         missing_ts = frame.filter(pl.col("ts").is_null())["row"].to_list()
         if missing_ts:
             rejected = [*rejected, *((r, "no timestamp") for r in missing_ts)]
             frame = frame.filter(pl.col("ts").is_not_null())
     else:
-        from pipeline.parsers.base import empty_events
-
         frame = empty_events().with_columns(
             pl.lit(None, pl.String).alias("event_id"), pl.lit(None, pl.String).alias("origin")
         )
     raw_lines = redact_texts([batch.lines[r] for r, _ in rejected])
+    ids = event_ids(source_key, [batch.offsets[r] for r, _ in rejected])
     quarantined = [
         {
-            "quarantine_id": ids[r],
+            "quarantine_id": qid,
             "source": batch.path,
             "source_key": source_key,
             "line_no": batch.line_numbers[r],
@@ -198,7 +196,7 @@ def prepare_batch(
             "reason": reason,
             "raw": raw,
         }
-        for (r, reason), raw in zip(rejected, raw_lines)
+        for (r, reason), raw, qid in zip(rejected, raw_lines, ids)
     ]
     return frame.drop("row"), quarantined
 

@@ -131,7 +131,14 @@ def event_ids(source_key: str, offsets: list[int]) -> list[str]:
     """Where a line was read is its identity (source content key + byte offset), not its text:
     identical lines that are distinct requests stay distinct, re-reads collide. 40 chars."""
     prefix = source_key[:24]
-    return [f"{prefix}{offset:016x}" for offset in offsets]
+    return [f"{prefix}{offset:016d}" for offset in offsets]
+
+
+def event_id_expr(source_key: str, offsets: Any) -> Any:
+    """`event_ids` as a polars expression over an offsets column (same strings, vectorised)."""
+    import polars as pl
+
+    return pl.lit(source_key[:24]) + offsets.cast(pl.String).str.zfill(16)
 
 
 def alert_id_for(detector: str, entity_kind: str, entity: str, window_start: datetime) -> str:
