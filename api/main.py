@@ -12,14 +12,14 @@ from fastapi.responses import JSONResponse
 
 from api.deps import ApiLimits, ApiState
 from api.middleware import AuditMiddleware, BodyLimitMiddleware
-from api.routers import alerts, audit, events, health, ingest, metrics, plots, silences, stats
+from api.routers import alerts, audit, dashboard, events, health, ingest, metrics, plots, silences, stats
 from pipeline.config import Settings, load_settings
 from pipeline.schema import StoreError
 from pipeline.store import Store
 
 log = logging.getLogger(__name__)
 
-ROUTERS = [health, alerts, silences, events, stats, plots, ingest, metrics, audit]
+ROUTERS = [health, alerts, silences, events, stats, plots, ingest, metrics, audit, dashboard]
 
 DESCRIPTION = """Alerts, events, stats and plots of a mailwarden store, and a push endpoint for log shippers.
 

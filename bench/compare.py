@@ -71,6 +71,7 @@ class Result:
     lines: int
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0
     ok: bool = False
     error: str = ""
     extra: dict = field(default_factory=dict)
@@ -84,6 +85,7 @@ class Result:
     def as_dict(self) -> dict:
         return {"tool": self.tool, "input": self.input, "lines": self.lines, "seconds": round(self.seconds, 3),
                 "lines_per_s": round(self.lines_per_s, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
+                "cpu_seconds": round(self.cpu_seconds, 2),
                 "ok": self.ok, "error": self.error, "load_at_start": round(self.load, 2),
                 **({"extra": self.extra} if self.extra else {})}
 
@@ -182,7 +184,7 @@ def run_mailwarden_ingest(tool: str, label: str, log: Path, lines: int, fmt: str
         name = slug(tool, label, str(round_no))
         m = peers.measure(mailwarden("ingest", "--format", fmt, str(log)), logs, name,
                           env=mailwarden_env(work, url), cwd=work, timeout=max(1800, lines / 200))
-        result.seconds, result.peak_rss_mb = m.seconds, m.peak_rss_mb
+        result.seconds, result.peak_rss_mb, result.cpu_seconds = m.seconds, m.peak_rss_mb, m.cpu_seconds
         out = m.stdout.read_text(errors="replace")
         stored, quarantined = _count("events stored", out), _count("quarantined", out)
         result.extra = {"events_stored": stored, "quarantined": quarantined}
@@ -236,7 +238,7 @@ def run_goaccess(label: str, log: Path, lines: int, logs: Path, extra_args: list
         ["goaccess", str(log), "--no-global-config", *extra_args, "-o", str(report)])
     cmd.append("--no-progress")
     m = peers.measure(cmd, logs, name, timeout=max(1800, lines / 500))
-    result.seconds, result.peak_rss_mb = m.seconds, m.peak_rss_mb
+    result.seconds, result.peak_rss_mb, result.cpu_seconds = m.seconds, m.peak_rss_mb, m.cpu_seconds
     if not m.ok:
         result.error = f"exit {m.returncode}: {m.tail()}"
         return result
@@ -252,7 +254,7 @@ def run_fail2ban(label: str, log: Path, lines: int, logs: Path, filter_path: Pat
     result = Result(f"fail2ban-regex {peers.version_of('fail2ban')}", label, lines)
     cmd = peers.fail2ban_cmd(log, filter_path)
     m = peers.measure(cmd, logs, f"fail2ban-{round_no}", timeout=max(3600, lines / 1000))
-    result.seconds, result.peak_rss_mb = m.seconds, m.peak_rss_mb
+    result.seconds, result.peak_rss_mb, result.cpu_seconds = m.seconds, m.peak_rss_mb, m.cpu_seconds
     if not m.ok:
         result.error = f"exit {m.returncode}: {m.tail()}"
         return result
@@ -275,7 +277,7 @@ def run_crowdsec(label: str, log: Path, lines: int, logs: Path, work: Path, roun
         return result
     cmd = peers.crowdsec_cmd(setup, log)
     m = peers.measure(cmd, logs, f"crowdsec-{round_no}", timeout=max(900, lines / 50))
-    result.seconds, result.peak_rss_mb = m.seconds, m.peak_rss_mb
+    result.seconds, result.peak_rss_mb, result.cpu_seconds = m.seconds, m.peak_rss_mb, m.cpu_seconds
     if not m.ok:
         result.error = ("timed out" if m.timed_out else f"exit {m.returncode}") + f": {m.tail()}"
         return result
@@ -372,6 +374,13 @@ def summarise(tasks: list[Task]) -> dict[tuple[str, str], dict]:
             "lines_per_s": [round(r.lines_per_s, 1) for r in good],
             "median_lines_per_s": round(statistics.median([r.lines_per_s for r in good]), 1) if good else None,
             "median_peak_rss_mb": round(statistics.median([r.peak_rss_mb for r in good]), 1) if good else None,
+            "median_cpu_seconds": round(statistics.median([r.cpu_seconds for r in good]), 2) if good else None,
+            # Lines per CPU-second of the measured process: steadier than wall time on a shared machine,
+            # but it leaves out work done elsewhere (the PostgreSQL server's share of an ingest).
+            "median_lines_per_cpu_s": (
+                round(statistics.median([r.lines / r.cpu_seconds for r in good if r.cpu_seconds > 0]), 1)
+                if any(r.cpu_seconds > 0 for r in good) else None
+            ),
             "error": t.broken or next((r.error for r in t.results if not r.ok), ""),
         }
     return summary
@@ -598,7 +607,7 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
             if r.ok:
                 stored = r.extra.get("events_stored")
                 say(f"  {r.tool:<26} {task.input:<26} {r.lines_per_s:>11,.0f} lines/s  {r.seconds:7.2f} s  "
-                    f"peak {r.peak_rss_mb:6.0f} MB  load {r.load:4.1f}"
+                    f"cpu {r.cpu_seconds:7.2f} s  peak {r.peak_rss_mb:6.0f} MB  load {r.load:4.1f}"
                     + (f"  stored {stored:,}" if stored is not None else ""))
             else:
                 task.broken = r.error
@@ -607,13 +616,13 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
     # ---- medians and ratios
     summary = summarise(tasks)
     say("\nmedians")
-    say(f"  {'tool':<26} {'input':<26} {'runs':>4} {'lines/s':>12} {'peak RSS MB':>12}")
+    say(f"  {'tool':<26} {'input':<26} {'runs':>4} {'lines/s':>12} {'peak RSS MB':>12} {'lines/cpu-s':>12}")
     for s in summary.values():
         if s["median_lines_per_s"] is None:
             say(f"  {s['tool']:<26} {s['input']:<26} {0:>4}  failed: {s['error'][:150]}")
         else:
             say(f"  {s['tool']:<26} {s['input']:<26} {s['runs']:>4} {s['median_lines_per_s']:>12,.0f} "
-                f"{s['median_peak_rss_mb']:>12,.0f}")
+                f"{s['median_peak_rss_mb']:>12,.0f} {s['median_lines_per_cpu_s'] or 0:>12,.0f}")
     named = {(peer_of(s["tool"]) if not s["tool"].startswith("mailwarden") else s["tool"], s["input"]): s
              for s in summary.values()}
     ratios = []
@@ -627,12 +636,16 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
                 "mailwarden": mine_name, "peer": ps["tool"], "input": inp,
                 "speed_ratio": round(ms["median_lines_per_s"] / ps["median_lines_per_s"], 2),
                 "memory_ratio": round(ms["median_peak_rss_mb"] / ps["median_peak_rss_mb"], 2),
+                "cpu_speed_ratio": (round(ms["median_lines_per_cpu_s"] / ps["median_lines_per_cpu_s"], 2)
+                                    if ms["median_lines_per_cpu_s"] and ps["median_lines_per_cpu_s"] else None),
             })
     if ratios:
-        say("\nmailwarden / peer (medians; speed > 1: mailwarden faster; memory > 1: mailwarden uses more)")
+        say("\nmailwarden / peer (medians; speed > 1: mailwarden faster; memory > 1: mailwarden uses more;"
+            " per CPU-s: lines per CPU-second of the process, a cross-check when the machine is busy)")
         for r in ratios:
+            cpu = f"{r['cpu_speed_ratio']:.2f}x" if r["cpu_speed_ratio"] else "n/a"
             say(f"  {r['mailwarden']:<24} / {r['peer']:<20} on {r['input']:<24} speed {r['speed_ratio']:>7.2f}x  "
-                f"memory {r['memory_ratio']:>6.2f}x")
+                f"memory {r['memory_ratio']:>6.2f}x  per CPU-s {cpu:>7}")
 
     # ---- the targets
     targets = []

@@ -40,6 +40,9 @@ class Measured:
     stdout: Path
     stderr: Path
     timed_out: bool = False
+    # user + system CPU seconds: on a busy machine this moves less than wall time, and it shows
+    # how many cores a tool kept busy (cpu / wall).
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -75,7 +78,7 @@ def measure(cmd: list[str], out_dir: Path, name: str, *, env: dict | None = None
     with open(stdout, "wb") as so, open(stderr, "wb") as se:
         started = time.perf_counter()
         # start_new_session: on timeout the whole group (time and the tool) is killed.
-        proc = subprocess.Popen([TIME_BINARY, "-f", "%M", "-o", str(usage), *cmd], stdout=so, stderr=se,
+        proc = subprocess.Popen([TIME_BINARY, "-f", "%M %U %S", "-o", str(usage), *cmd], stdout=so, stderr=se,
                                 stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
@@ -85,13 +88,14 @@ def measure(cmd: list[str], out_dir: Path, name: str, *, env: dict | None = None
             proc.wait()
             timed_out = True
         seconds = time.perf_counter() - started
-    peak_kb = 0.0
+    peak_kb = cpu = 0.0
     try:
-        # The last line is the number; a killed command adds a "Command terminated by signal" line before it.
-        peak_kb = float(usage.read_text().split()[-1])
+        # The last line holds the figures; a killed command adds a "Command terminated by signal" line first.
+        kb, user, system = usage.read_text().strip().splitlines()[-1].split()
+        peak_kb, cpu = float(kb), float(user) + float(system)
     except (OSError, ValueError, IndexError):
         pass
-    return Measured(seconds, peak_kb / 1024, proc.returncode, stdout, stderr, timed_out)
+    return Measured(seconds, peak_kb / 1024, proc.returncode, stdout, stderr, timed_out, cpu)
 
 
 # ---------------------------------------------------------------------------------------------- install

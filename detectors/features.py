@@ -340,3 +340,206 @@ def subnets(ips: np.ndarray, ipv4_prefix: int = 24, ipv6_prefix: int = 64) -> np
         else:  # dotted forms the regex did not take; let ipaddress decide
             result[i] = str(ipaddress.ip_network(f"{address}/{ipv4_prefix}", strict=False))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Model windows
+#
+# The isolation-forest detectors score one row per (entity, time bucket). Buckets are aligned to the
+# epoch, and every history feature looks only at the `history` right before its own bucket, so a row
+# is the same whichever frame it was computed from, as long as that frame holds its history: a live
+# tick and a replay of the same hour score identical rows.
+
+HOUR_US = 3_600 * US_PER_SECOND
+
+
+def bucket_index(times_us: np.ndarray, bucket_us: int) -> np.ndarray:
+    """Index of the epoch-aligned bucket holding each time (floor, also before 1970)."""
+    return np.floor_divide(times_us, bucket_us)
+
+
+def entity_windows(
+    events: pd.DataFrame,
+    times_us: np.ndarray,
+    codes: np.ndarray,
+    bucket_us: int,
+    history_us: int,
+    *,
+    keep: np.ndarray | None = None,
+    distinct: dict[str, str] | None = None,
+    new_share_of: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """One row per (entity code, bucket) that has events, sorted by code then bucket.
+
+    Columns: `code`, `bucket` (index since the epoch), requests, ok_requests, failure_ratio
+    (auth_failed share), error_ratio (share refused otherwise: forbidden, rate limited, other 4xx),
+    recipients and bytes (sums), one `distinct_<x>` per
+    entry of `distinct` ({feature name: event column}), hour (UTC hour of the bucket start), and the
+    history features over the `history` before the bucket: history_requests, history_buckets (buckets
+    with events), first_seen (1 when there were none), volume_vs_usual ((requests + 1) over (mean
+    requests per bucket of the history + 1)) and, per entry of `new_share_of` ({feature name: event
+    column}), the share of requests whose value (an IP, say) the entity did not use in its history.
+    Only events where `keep` holds and the code is known (>= 0) count.
+    """
+    if history_us % bucket_us:
+        raise ValueError("history must be a whole number of buckets")
+    history_buckets = history_us // bucket_us
+    use = codes >= 0 if keep is None else keep & (codes >= 0)
+    rows = np.flatnonzero(use)
+    code = codes[rows]
+    bucket = bucket_index(times_us[rows], bucket_us)
+    columns: dict[str, np.ndarray] = {}
+    if len(rows) == 0:
+        names = ["code", "bucket", "requests", "ok_requests", "failure_ratio", "error_ratio", "recipients", "bytes",
+                 *(distinct or {}), "hour", "history_requests", "history_buckets", "first_seen",
+                 "volume_vs_usual", *(new_share_of or {})]
+        return pd.DataFrame({name: np.zeros(0, dtype=np.float64) for name in names}).astype(
+            {"code": np.int64, "bucket": np.int64}
+        )
+
+    low, high = int(bucket.min()), int(bucket.max())
+    span = high - low + history_buckets + 2
+    packed = code * span + (bucket - low)
+    # `group` numbers the (code, bucket) pairs in sorted order: np.unique sorts.
+    unique_packed, group = np.unique(packed, return_inverse=True)
+    n_groups = len(unique_packed)
+    group_code = unique_packed // span
+    group_bucket = unique_packed % span + low
+
+    outcome = events["outcome"].iloc[rows]
+    failed = as_mask(outcome.eq(Outcome.AUTH_FAILED))
+    errors = as_mask(outcome.isin([Outcome.FORBIDDEN, Outcome.RATE_LIMITED, Outcome.CLIENT_ERROR]))
+    requests = np.bincount(group, minlength=n_groups).astype(np.float64)
+    columns["requests"] = requests
+    columns["ok_requests"] = np.bincount(group, weights=as_mask(outcome.eq(Outcome.OK)), minlength=n_groups)
+    columns["failure_ratio"] = np.bincount(group, weights=failed, minlength=n_groups) / requests
+    columns["error_ratio"] = np.bincount(group, weights=errors, minlength=n_groups) / requests
+    for name in ("recipients", "bytes"):
+        values = events[name].iloc[rows].to_numpy(dtype=np.float64, na_value=0.0)
+        columns[name] = np.bincount(group, weights=values, minlength=n_groups)
+    for name, column in (distinct or {}).items():
+        items, _ = entity_codes(events[column].iloc[rows])
+        columns[name] = _distinct_per_group(group, items, n_groups).astype(np.float64)
+    columns["hour"] = ((group_bucket * bucket_us) // HOUR_US % 24).astype(np.float64)
+
+    # History: the groups of the same code whose bucket lies in [bucket - history, bucket).
+    first = np.searchsorted(unique_packed, unique_packed - history_buckets, "left")
+    before = np.arange(n_groups) - first
+    total = np.concatenate([[0.0], np.cumsum(requests)])
+    history_requests = total[np.arange(n_groups)] - total[first]
+    columns["history_requests"] = history_requests
+    columns["history_buckets"] = before.astype(np.float64)
+    columns["first_seen"] = (before == 0).astype(np.float64)
+    columns["volume_vs_usual"] = (requests + 1.0) / (history_requests / history_buckets + 1.0)
+    for name, column in (new_share_of or {}).items():
+        items, _ = entity_codes(events[column].iloc[rows])
+        new = _new_requests(group, group_code, group_bucket, items, history_buckets, n_groups)
+        columns[name] = new / requests
+
+    table = pd.DataFrame({"code": group_code.astype(np.int64), "bucket": group_bucket.astype(np.int64)})
+    for name, values in columns.items():
+        table[name] = values
+    return table
+
+
+def _distinct_per_group(group: np.ndarray, items: np.ndarray, n_groups: int) -> np.ndarray:
+    """Distinct known items (code >= 0) per group."""
+    known = items >= 0
+    n_items = int(items.max()) + 1 if known.any() else 1
+    pairs = np.unique(group[known].astype(np.int64) * n_items + items[known])
+    return np.bincount(pairs // n_items, minlength=n_groups)
+
+
+def _new_requests(
+    group: np.ndarray,
+    group_code: np.ndarray,
+    group_bucket: np.ndarray,
+    items: np.ndarray,
+    history_buckets: int,
+    n_groups: int,
+) -> np.ndarray:
+    """Requests per group whose item the same code did not use in the history before the bucket.
+
+    An unknown item (null) counts as new: an entity suddenly sending without, say, an address is as
+    unusual as one sending from a new address.
+    """
+    n_items = int(items.max()) + 2 if len(items) else 2
+    pairs, counts = np.unique(group.astype(np.int64) * n_items + (items + 1), return_counts=True)
+    pair_group = pairs // n_items
+    pair_item = pairs % n_items
+    pair_code = group_code[pair_group]
+    pair_bucket = group_bucket[pair_group]
+    order = np.lexsort((pair_bucket, pair_item, pair_code))
+    c, i, b = pair_code[order], pair_item[order], pair_bucket[order]
+    seen = np.zeros(len(order), dtype=bool)
+    seen[1:] = (c[1:] == c[:-1]) & (i[1:] == i[:-1]) & (b[1:] - b[:-1] <= history_buckets) & (i[1:] > 0)
+    new = ~seen
+    return np.bincount(pair_group[order][new], weights=counts[order][new], minlength=n_groups)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Model windows of one entity kind: the rows (see `entity_windows`), the entity of each code,
+    and for every event of the frame its code (-1: none) and whether it counted."""
+
+    table: pd.DataFrame
+    labels: np.ndarray
+    codes: np.ndarray
+    keep: np.ndarray
+
+
+def ip_windows(events: pd.DataFrame, times_us: np.ndarray, bucket_us: int, history_us: int) -> Windows:
+    """Model windows per source IP, with distinct_paths, distinct_keys, distinct_accounts and
+    distinct_user_agents."""
+    codes, ips = entity_codes_sorted(events["source_ip"])
+    keep = codes >= 0
+    table = entity_windows(
+        events, times_us, codes, bucket_us, history_us,
+        keep=keep,
+        distinct={
+            "distinct_paths": "path",
+            "distinct_keys": "api_key_id",
+            "distinct_accounts": "account",
+            "distinct_user_agents": "user_agent",
+        },
+    )
+    return Windows(table, ips, codes, keep)
+
+
+CREDENTIAL_SEPARATOR = "\x1f"
+
+
+def credential_windows(events: pd.DataFrame, times_us: np.ndarray, bucket_us: int, history_us: int) -> Windows:
+    """Model windows per credential (the API key fingerprint, else the account), counting only the
+    events it was accepted on (anything but `auth_failed`), and only buckets where it got at least one
+    `ok`: a key nobody could use (a flood's made-up keys are refused, then rate limited) is the
+    business of the IP-side detectors, not a customer whose key behaves oddly.
+
+    Adds distinct_paths, distinct_ips, distinct_user_agents and new_ip_share (share of requests from
+    addresses the credential did not use in its history). Labels are `api_key<US>fingerprint` or
+    `account<US>name` (US = CREDENTIAL_SEPARATOR).
+    """
+    credential = ("api_key" + CREDENTIAL_SEPARATOR + events["api_key_id"]).fillna(
+        "account" + CREDENTIAL_SEPARATOR + events["account"]
+    )
+    codes, labels = entity_codes_sorted(credential)
+    keep = (codes >= 0) & ~as_mask(events["outcome"].eq(Outcome.AUTH_FAILED))
+    table = entity_windows(
+        events, times_us, codes, bucket_us, history_us,
+        keep=keep,
+        distinct={
+            "distinct_paths": "path",
+            "distinct_ips": "source_ip",
+            "distinct_user_agents": "user_agent",
+        },
+        new_share_of={"new_ip_share": "source_ip"},
+    )
+    table = table[table["ok_requests"].to_numpy() > 0].reset_index(drop=True)
+    return Windows(table, labels, codes, keep)
+
+
+def entity_codes_sorted(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Like `entity_codes`, but codes follow the sorted values: the same entities get the same order
+    whatever the row order, which keeps anything trained on rows sorted by code reproducible."""
+    codes, labels = pd.factorize(values, use_na_sentinel=True, sort=True)
+    return codes.astype(np.int64), np.asarray(labels, dtype=object)

@@ -44,6 +44,19 @@ class ScheduleConfig(BaseModel):
     initial_lookback_hours: float = Field(24.0, gt=0)
 
 
+class AllowlistConfig(BaseModel):
+    """Traffic no detector alerts on (`[allowlist]`); detectors.allowlist applies it.
+
+    `keys` takes fingerprints (as shown in alerts) or raw keys, fingerprinted at start-up.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cidrs: list[str] = Field(default_factory=list)
+    keys: list[SecretStr] = Field(default_factory=list)
+    accounts: list[str] = Field(default_factory=list)
+
+
 class Settings(BaseSettings):
     """Settings of one mailwarden installation. Every field can be set in the TOML file or env."""
 
@@ -77,6 +90,8 @@ class Settings(BaseSettings):
     # Log files the service (`mailwarden run`) follows.
     sources: list[SourceConfig] = Field(default_factory=list)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    # Networks, API keys and accounts every detector leaves out; per detector: allow_cidrs etc.
+    allowlist: AllowlistConfig = Field(default_factory=AllowlistConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -2,61 +2,63 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
 
 import pandas as pd
+import plotly.graph_objects as go
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 
 from api.auth import Scope
-from api.deps import QueriesDep, require
-from api.queries import ApiQueries, as_utc
+from api.deps import PrincipalDep, QueriesDep, require
+from api.frames import LOADERS, FrameReader, Span, bucket_seconds  # noqa: F401 - bucket_seconds re-exported
+from api.queries import as_utc
 from dashboards.figures import FIGURES
 
 router = APIRouter(prefix="/plots", tags=["plots"], dependencies=[Depends(require(Scope.EVENTS_READ))])
 
-# Bucket widths to choose from; the narrowest giving at most MAX_BUCKETS bars is used.
-BUCKETS = [60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400]
-MAX_BUCKETS = 300
-
-
-def bucket_seconds(since: datetime, until: datetime) -> int:
-    span = max((until - since).total_seconds(), 1.0)
-    return next((b for b in BUCKETS if span / b <= MAX_BUCKETS), BUCKETS[-1])
-
-
-Loader = Callable[[ApiQueries, datetime, datetime], pd.DataFrame]
-
-# The query whose frame each figure draws; a figure without a loader is not served.
-LOADERS: dict[str, Loader] = {
-    "requests_over_time": lambda q, since, until: q.requests_over_time_frame(
-        since, until, bucket_seconds(since, until)
-    ),
-    "top_ips": lambda q, since, until: q.top_ips_frame(since, until, top=20),
-}
+# The loaders (one per figure) live in api.frames, shared with the dashboard and the report.
+FIGURES_BY_RANGE = sorted(set(FIGURES) & set(LOADERS))
 
 
 @router.get("/{name}", responses={200: {"content": {"application/json": {}}, "description": "A Plotly figure."}})
 def plot(
     name: str,
     queries: QueriesDep,
+    principal: PrincipalDep,
     since: Annotated[datetime | None, Query(description="Default: the first stored event.")] = None,
     until: Annotated[datetime | None, Query(description="Default: the last stored event.")] = None,
+    tz: Annotated[
+        str | None, Query(max_length=64, description="The viewer's IANA zone (Europe/Berlin): hover texts show it.")
+    ] = None,
+    alert_id: Annotated[str | None, Query(max_length=64, description="For alert_activity: the alert.")] = None,
 ) -> Response:
-    """Figure JSON (`data` and `layout`) for Plotly.newPlot; names: requests_over_time, top_ips."""
+    """Figure JSON (`data` and `layout`) for Plotly.newPlot. Names: alert_activity (with alert_id),
+    and by range: alert_timeline, auth_failures_over_time, countries_map, failure_heatmap,
+    requests_over_time, top_accounts, top_ips, top_keys, top_subnets."""
+    reader = FrameReader(queries.store, queries)
+    if name == "alert_activity":
+        # The figure names the alert and its entity: reading alerts is needed as well.
+        if not principal.allows(Scope.ALERTS_READ):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "alert_activity also needs the alerts:read scope")
+        alert = queries.get_alert(alert_id) if alert_id else None
+        if alert is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert_id!r} (alert_activity needs alert_id)")
+        return _json(FIGURES[name](**reader.alert_activity(alert, tz)))
     if name not in FIGURES or name not in LOADERS:
-        known = ", ".join(sorted(set(FIGURES) & set(LOADERS)))
+        known = ", ".join(["alert_activity", *FIGURES_BY_RANGE])
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no figure {name!r} (known: {known})")
     since, until = as_utc(since), as_utc(until)
     if since is None or until is None:
         # Time comes from the data: a replayed month plots the same as it did live.
         stored = queries.store.event_time_range()
         if stored is None:
-            return Response(FIGURES[name](pd.DataFrame()).to_json(), media_type="application/json")
+            return _json(FIGURES[name](pd.DataFrame()))
         since, until = since or stored[0], until or stored[1]
     if since > until:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since is after until")
-    figure = FIGURES[name](LOADERS[name](queries, since, until))
-    return Response(figure.to_json(), media_type="application/json")
+    return _json(FIGURES[name](**LOADERS[name](reader, Span(since, until, tz))))
 
+
+def _json(figure: go.Figure) -> Response:
+    return Response(figure.to_json(), media_type="application/json")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from detectors.features import BUCKET_US, micros, to_timestamp
+from detectors.features import BUCKET_US, KeySpace, Timeline, episodes, micros, to_timestamp
 
 _NAT = np.iinfo(np.int64).min  # what pandas stores for NaT
 
@@ -87,3 +87,59 @@ def iso(us: int) -> str:
 
 def plural(count: int, word: str) -> str:
     return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# History the frame is known to hold, flags, and episodes of sparse findings
+
+
+def known_from(times: np.ndarray, now: datetime, lookback: timedelta) -> int:
+    """The earliest time (µs) from which the frame holds every event: `now - lookback`, or earlier
+    when the caller handed over more (the detect job replays in steps, each with its lookback).
+
+    Baselines and "was it quiet before?" tests may only look at time after this point: before it,
+    no event in the frame does not mean no event happened.
+    """
+    start = usec(pd.Timestamp(now) - pd.Timestamp(0, tz="UTC")) - usec(lookback)
+    return min(int(times.min()), start) if len(times) else start
+
+
+def flag_mask(flags: pd.Series, flag: str) -> np.ndarray:
+    """Rows whose `|`-joined flags include `flag`; tested once per distinct flags value."""
+    codes, values = pd.factorize(flags, use_na_sentinel=True)
+    if len(values) == 0:
+        return np.zeros(len(flags), dtype=bool)
+    has = np.array([flag in str(v).split("|") for v in values] + [False])  # index -1: no flags
+    return has[codes]
+
+
+# The detect job replays history in one-day steps, each with its detectors' lookback before it.
+REPLAY_STEP = timedelta(days=1)
+
+
+def check_episode_gap(gap: timedelta, lookback: timedelta, field: str = "episode_gap") -> None:
+    # A run can confirm that an episode began after a quiet `gap` only inside what it sees, and a
+    # replay step sees the lookback before a day of events: the gap may use the lookback minus a day.
+    if gap > lookback - REPLAY_STEP:
+        raise ValueError(f"{field}: at most {human(lookback - REPLAY_STEP)}, got {human(gap)}")
+
+
+def confirmed_episodes(
+    codes: np.ndarray, times: np.ndarray, mask: np.ndarray, gap: timedelta, known_us: int
+) -> tuple[Timeline, pd.DataFrame]:
+    """Episodes of the events where `mask` holds, per entity: events less than `gap` apart belong
+    together. For findings where each event counts (a key over plain HTTP, a secret in a URL).
+
+    Only episodes whose start is confirmed are kept: the frame must hold the `gap` before the
+    first event (from `known_us`, see `known_from`), else that event may continue an episode a
+    previous run already reported, and a second alert with a later start would duplicate it.
+    Columns as `episodes()`; `first` is the episode's first event.
+    """
+    gap_us = usec(gap)
+    space = KeySpace.covering(times, int(codes.max()) + 1 if len(codes) else 0, gap_us)
+    timeline = Timeline.build(codes, times, mask, space)
+    found = episodes(timeline, np.ones(len(timeline), dtype=np.int64), np.ones(len(timeline), bool), gap_us)
+    if found.empty:
+        return timeline, found
+    confirmed = timeline.times[found["first"].to_numpy()] - gap_us >= known_us
+    return timeline, found[confirmed].reset_index(drop=True)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from detectors.base import Detector
 from detectors.features import (
+    BUCKET_US,
     KeySpace,
     Timeline,
     counts_per_episode,
@@ -27,6 +28,7 @@ from detectors.rules import (
     check_lookback,
     human,
     iso,
+    known_from,
     positive_int,
     up_to_now,
     usec,
@@ -58,6 +60,15 @@ class IpBurst(Detector):
     Tuning: `threshold` and `window` (default 600 in 5 min, i.e. 2 requests a second sustained);
     `subnet_threshold` (default 1,200, twice the per-IP threshold) and `subnet_min_ips`; the network
     sizes `ipv4_prefix` and `ipv6_prefix`. Severity is HIGH; score is peak / threshold.
+
+    Adaptive threshold (off by default): with `adaptive_factor` k > 0, an IP's threshold becomes
+    max(threshold, k x its own usual rate), the usual rate being the median requests per minute of
+    that IP over the `adaptive_span` (default 30 min) before the minute judged, scaled to `window`.
+    A steady heavy client (a customer's mail server, a monitoring probe) then stays quiet while a
+    jump to k times its own rate still fires. Only whole minutes the run fully sees count; an IP
+    silent in them has a usual rate of 0, so floods from new IPs fire exactly as without it. A flood
+    that lasts longer than half the span becomes its own baseline and ends the episode early (the
+    alert stays). Networks keep the fixed `subnet_threshold`. Evidence then has `usual_per_window`.
     """
 
     name: ClassVar[str] = "ip_burst"
@@ -71,6 +82,8 @@ class IpBurst(Detector):
     subnet_min_ips: int = 3
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
+    adaptive_factor: float = 0.0
+    adaptive_span: timedelta = timedelta(minutes=30)
 
     def __post_init__(self) -> None:
         self.threshold = positive_int(self.threshold, "threshold")
@@ -82,13 +95,21 @@ class IpBurst(Detector):
         self.ipv6_prefix = positive_int(self.ipv6_prefix, "ipv6_prefix")
         if self.ipv4_prefix > 32 or self.ipv6_prefix > 128:
             raise ValueError("ipv4_prefix must be at most 32 and ipv6_prefix at most 128")
+        factor = self.adaptive_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+            raise ValueError(f"adaptive_factor: expected a number >= 0 (0 turns it off), got {factor!r}")
+        self.adaptive_factor = float(factor)
+        self.adaptive_span = as_timedelta(self.adaptive_span, "adaptive_span")
+        if self.adaptive_span.total_seconds() % 60 or self.adaptive_span > self.lookback:
+            raise ValueError(f"adaptive_span: whole minutes up to {human(self.lookback)}, got {self.adaptive_span}")
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
         if events.empty:
             return []
         ip_codes, ips = entity_codes(events["source_ip"])
-        alerts = self._bursts(events, times, ip_codes, ips, EntityKind.IP, self.threshold)
+        known_us = known_from(times, now, self.lookback) if self.adaptive_factor else None
+        alerts = self._bursts(events, times, ip_codes, ips, EntityKind.IP, self.threshold, known_us)
 
         network_of_ip = subnets(ips, self.ipv4_prefix, self.ipv6_prefix)
         net_code_of_ip, networks = pd.factorize(network_of_ip, use_na_sentinel=True)
@@ -108,13 +129,18 @@ class IpBurst(Detector):
         labels: np.ndarray,
         kind: EntityKind,
         threshold: int,
+        known_us: int | None = None,
     ) -> list[Alert]:
         window_us = usec(self.window)
         timeline = Timeline.build(codes, times, None, KeySpace.covering(times, len(labels), window_us))
         if len(timeline) == 0:
             return []
         counts = timeline.trailing_count(window_us)
-        found = episodes(timeline, counts, counts >= threshold, window_us)
+        limits = usual = None
+        if known_us is not None and (counts >= threshold).any():
+            usual = self._usual_per_window(timeline, counts >= threshold, known_us)
+            limits = np.maximum(threshold, np.ceil(self.adaptive_factor * usual)).astype(np.int64)
+        found = episodes(timeline, counts, counts >= (threshold if limits is None else limits), window_us)
         if found.empty:
             return []
         episode, positions = episode_members(found)
@@ -129,16 +155,19 @@ class IpBurst(Detector):
         event_ids = events["event_id"].to_numpy(dtype=object, na_value=None)
 
         alerts = []
+        episode_threshold = threshold
         for i, ep in enumerate(found.to_dict("records")):
             code, first, last, peak = ep["code"], ep["first"], ep["last"], ep["peak"]
             if members is not None and len(members[i]) < self.subnet_min_ips:
                 continue  # one busy address: its own IP alert already says it
+            if limits is not None:
+                episode_threshold = int(limits[ep["peak_pos"]])
             entity = str(labels[code])
             sample = timeline.rows[spread_sample(first, last)]
             evidence = {
                 "peak_count": peak,
                 "peak_at": iso(timeline.times[ep["peak_pos"]]),
-                "threshold": threshold,
+                "threshold": episode_threshold,
                 "window_seconds": int(self.window.total_seconds()),
                 "total_requests": last - first + 1,
                 "first_seen": iso(timeline.times[first]),
@@ -147,6 +176,8 @@ class IpBurst(Detector):
                 "outcomes": outcomes[i],
                 "sample_event_ids": [e for e in event_ids[sample] if e is not None],
             }
+            if usual is not None:
+                evidence["usual_per_window"] = round(float(usual[ep["peak_pos"]]), 1)
             if members is not None:
                 evidence["member_count"] = len(members[i])
                 evidence["member_ips"] = members[i]
@@ -155,7 +186,9 @@ class IpBurst(Detector):
                     f"{len(members[i]):,} IPs (threshold {threshold:,})"
                 )
             else:
-                title = f"IP {entity}: {peak:,} requests in {human(self.window)} (threshold {threshold:,})"
+                title = (
+                    f"IP {entity}: {peak:,} requests in {human(self.window)} (threshold {episode_threshold:,})"
+                )
             alerts.append(
                 Alert(
                     detector=self.name,
@@ -164,10 +197,42 @@ class IpBurst(Detector):
                     entity=entity,
                     window_start=bucket_floor(timeline.times[first]),
                     window_end=bucket_ceil(timeline.times[last]),
-                    score=peak / threshold,
+                    score=peak / episode_threshold,
                     title=title,
                     evidence=evidence,
                     mitre=self.mitre,
                 )
             )
         return alerts
+
+    def _usual_per_window(self, timeline: Timeline, busy: np.ndarray, known_us: int) -> np.ndarray:
+        """Each event's IP's usual requests per `window`: the median per-minute count over the
+        `adaptive_span` before the event's minute, times the window in minutes (0 where unknown).
+
+        Only IPs with an event over the fixed threshold matter (the adaptive one is never lower),
+        so the minute grid holds those IPs only. Minutes before the first fully known one are left
+        out: an IP's rate there is unknown, not zero.
+        """
+        usual = np.zeros(len(timeline))
+        busy_codes = np.unique(timeline.codes[busy])
+        mine = np.isin(timeline.codes, busy_codes)
+        first_minute = -(-known_us // BUCKET_US)
+        minutes = timeline.times[mine] // BUCKET_US - first_minute  # < 0: before the known minutes
+        rows = np.searchsorted(busy_codes, timeline.codes[mine])
+        width = int(minutes.max()) + 1 if len(minutes) and minutes.max() >= 0 else 1
+        counted = minutes >= 0
+        grid = np.bincount(rows[counted] * width + minutes[counted], minlength=len(busy_codes) * width)
+        grid = grid.reshape(len(busy_codes), width)
+        # Judge only the busy events; the others stay under the fixed threshold anyway.
+        wanted = np.flatnonzero(mine)[busy[mine]]
+        row = np.searchsorted(busy_codes, timeline.codes[wanted])
+        minute = timeline.times[wanted] // BUCKET_US - first_minute
+        span = int(self.adaptive_span.total_seconds() // 60)
+        columns = minute[:, None] + np.arange(-span, 0)[None, :]
+        known = columns >= 0
+        values = np.where(known, grid[row[:, None], np.where(known, columns, 0)], np.nan)
+        has_history = known.any(axis=1)
+        if has_history.any():
+            rate = np.nanmedian(values[has_history], axis=1)
+            usual[wanted[has_history]] = rate * (usec(self.window) / BUCKET_US)
+        return usual

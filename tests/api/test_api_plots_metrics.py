@@ -85,7 +85,7 @@ def test_figures_are_pure_functions_of_frames() -> None:
     assert list(fig.data[0].y) == [3, 4]
     ips = top_ips(pd.DataFrame({"source_ip": ["a", "b"], "requests": [10, 4], "failures": [1, 4]}))
     assert list(ips.data[0].x) == [0, 9] and list(ips.data[1].x) == [4, 1]
-    assert set(FIGURES) == {"requests_over_time", "top_ips"}
+    assert {"requests_over_time", "top_ips"} <= set(FIGURES)
 
 
 @pytest.mark.parametrize("minutes, expected", [(10, 60), (300, 60), (301, 300), (24 * 60, 300), (7 * 24 * 60, 3600)])

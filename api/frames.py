@@ -1,0 +1,450 @@
+"""The frames the figures draw, read from the store: one loader per figure, shared by /plots,
+the dashboard and `mailwarden report` (figures stay pure; the queries live here)."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import iptocc
+import pandas as pd
+import sqlalchemy as sa
+
+from api.queries import AlertQuery, ApiQueries, as_utc, network_text_prefix, parse_ip_filter
+from dashboards.figures import subnets_frame
+from pipeline.schema import Flag, Outcome
+from pipeline.store import Store, events
+
+# Bucket widths to choose from; the narrowest giving at most MAX_BUCKETS bars is used.
+BUCKETS = [60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400]
+MAX_BUCKETS = 300
+TOP = 20
+# Alerts drawn as markers and on the timeline: enough for any screen, bounded for a noisy week.
+MAX_ALERTS = 2000
+
+
+def bucket_seconds(since: datetime, until: datetime) -> int:
+    span = max((until - since).total_seconds(), 1.0)
+    return next((b for b in BUCKETS if span / b <= MAX_BUCKETS), BUCKETS[-1])
+
+
+@dataclass(frozen=True)
+class Span:
+    """What one figure is asked for: a UTC range, and the viewer's zone for hover texts."""
+
+    since: datetime
+    until: datetime
+    tz: str | None = None
+
+    @property
+    def bucket(self) -> int:
+        return bucket_seconds(self.since, self.until)
+
+
+@dataclass(frozen=True)
+class RangeAggregates:
+    """One range read three ways; every overview figure's frame is derived from these."""
+
+    traffic: pd.DataFrame  # bucket (of `grain` seconds), outcome, service, count
+    ips: pd.DataFrame  # source_ip, requests, failures, auth_failures
+    keys_accounts: pd.DataFrame  # api_key_id, account, requests, failures, auth_failures
+    grain: int
+
+
+def _grain(bucket: int) -> int:
+    # Every bucket width up to an hour divides an hour, and every wider one is whole hours: one
+    # scan at this grain serves both the chosen buckets and the hour-of-day heatmap.
+    return bucket if bucket <= 3600 else 3600
+
+
+def _rebucket(frame: pd.DataFrame, width: int, by: list[str]) -> pd.DataFrame:
+    """Counts summed into buckets of `width` seconds (aligned to the epoch, like the SQL), by `by`."""
+    if frame.empty:
+        return pd.DataFrame({"bucket": pd.Series(dtype="datetime64[ns, UTC]"),
+                             **{b: pd.Series(dtype="string") for b in by}, "count": pd.Series(dtype="int64")})
+    # Whole seconds since the epoch whatever the column's resolution (pandas may pick s, ms or ns).
+    seconds = (pd.to_datetime(frame["bucket"], utc=True) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    epoch = pd.to_datetime(seconds - seconds % width, unit="s", utc=True)
+    out = (
+        frame.assign(bucket=epoch.to_numpy())
+        .groupby(["bucket", *by], as_index=False, sort=True)["count"]
+        .sum()
+    )
+    return out.assign(bucket=pd.to_datetime(out["bucket"], utc=True), count=out["count"].astype("int64"))
+
+
+def _sum_by(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    present = frame[frame[column].notna()]
+    return present.groupby(column, as_index=False)[["requests", "failures", "auth_failures"]].sum()
+
+
+def _top(frame: pd.DataFrame, column: str, top: int = TOP) -> pd.DataFrame:
+    """The `top` values by requests (ties by value, as the SQL of /stats orders them)."""
+    ordered = frame.sort_values(["requests", column], ascending=[False, True], kind="stable").head(top)
+    return ordered.reset_index(drop=True).astype(
+        {column: "string", "requests": "int64", "failures": "int64", "auth_failures": "int64"}
+    )
+
+
+class AggregateCache:
+    """Results by key for `ttl` seconds, each computed once even when many threads ask at once."""
+
+    def __init__(self, ttl: float = 15.0, max_entries: int = 32, clock: Callable[[], float] = time.monotonic):
+        self.ttl, self.max_entries, self._clock = ttl, max_entries, clock
+        self._lock = threading.Lock()
+        self._entries: dict[Any, tuple[float, Future]] = {}
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            now = self._clock()
+            for stale in [k for k, (at, _) in self._entries.items() if now - at > self.ttl]:
+                del self._entries[stale]
+            entry = self._entries.get(key)
+            owner = entry is None
+            if owner:
+                while len(self._entries) >= self.max_entries:
+                    self._entries.pop(next(iter(self._entries)))
+                entry = (now, Future())
+                self._entries[key] = entry
+        future = entry[1]
+        if owner:
+            try:
+                future.set_result(compute())
+            except BaseException as exc:
+                with self._lock:
+                    # A failure is not cached: the next caller tries again.
+                    if self._entries.get(key) is entry:
+                        del self._entries[key]
+                future.set_exception(exc)
+        return future.result()
+
+
+_CACHES: weakref.WeakKeyDictionary[Store, AggregateCache] = weakref.WeakKeyDictionary()
+_CACHES_LOCK = threading.Lock()
+
+
+def cache_for(store: Store) -> AggregateCache:
+    """One cache per store (so per app), without touching the app's state."""
+    with _CACHES_LOCK:
+        cache = _CACHES.get(store)
+        if cache is None:
+            cache = _CACHES[store] = AggregateCache()
+        return cache
+
+
+class FrameReader:
+    """Aggregates over the events and alerts tables, each shaped as one figure's input frame."""
+
+    def __init__(self, store: Store, queries: ApiQueries | None = None):
+        self.store = store
+        self.queries = queries or ApiQueries(store)
+        self.engine = store.engine
+
+    # ---- building blocks -----------------------------------------------------------------------
+    def _epoch(self) -> sa.ColumnElement:
+        if self.store.dialect == "sqlite":
+            # The store writes SQLite timestamps as UTC text; strftime('%s') reads that text.
+            return sa.cast(sa.func.strftime("%s", events.c.ts), sa.BigInteger)
+        return sa.cast(sa.func.floor(sa.extract("epoch", events.c.ts)), sa.BigInteger)
+
+    def _range(self, since: datetime, until: datetime) -> list[sa.ColumnElement]:
+        return [events.c.ts >= as_utc(since), events.c.ts <= as_utc(until)]
+
+    def _bucketed(
+        self, width: int, group: list[sa.ColumnElement], where: list[sa.ColumnElement], names: list[str]
+    ) -> pd.DataFrame:
+        epoch = self._epoch()
+        bucket = (epoch - epoch % width).label("bucket")
+        query = (
+            sa.select(bucket, *group, sa.func.count().label("count"))
+            .where(*where)
+            .group_by(bucket, *group)
+            .order_by(bucket, *group)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        frame = pd.DataFrame(rows, columns=["bucket", *names, "count"])
+        return frame.assign(
+            bucket=pd.to_datetime(frame["bucket"].astype("int64"), unit="s", utc=True),
+            count=frame["count"].astype("int64"),
+            **{n: frame[n].astype("string") for n in names},
+        )
+
+    def alerts_frame(self, since: datetime, until: datetime) -> pd.DataFrame:
+        """Alerts whose window overlaps the range, oldest first."""
+        rows, _ = self.queries.list_alerts(
+            AlertQuery(since=since, until=until), sort="window_start", limit=MAX_ALERTS
+        )
+        columns = ["alert_id", "detector", "severity", "entity_kind", "entity", "window_start", "window_end",
+                   "score", "title", "status", "mitre"]
+        frame = pd.DataFrame([{c: r[c] for c in columns} for r in rows], columns=columns)
+        for col in ("window_start", "window_end"):
+            frame[col] = pd.to_datetime(frame[col], utc=True)
+        return frame
+
+    # ---- the shared aggregates -------------------------------------------------------------------
+    def aggregates(self, span: Span) -> RangeAggregates:
+        """The three scans every overview figure is derived from, computed once per range.
+
+        Concurrent requests of one page load (nine figures) share one computation: the first
+        computes, the others wait for it, and the result is kept for a few seconds.
+        """
+        grain = _grain(span.bucket)
+        key = (as_utc(span.since), as_utc(span.until), grain)
+        return cache_for(self.store).get(key, lambda: self._compute_aggregates(span.since, span.until, grain))
+
+    def _compute_aggregates(self, since: datetime, until: datetime, grain: int) -> RangeAggregates:
+        # Three independent scans; SQLite and PostgreSQL both run them side by side on their own
+        # connections (the drivers release the GIL while the database works).
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="mailwarden-frames") as pool:
+            traffic = pool.submit(self.traffic, since, until, grain)
+            ips = pool.submit(self.per_ip, since, until)
+            keys = pool.submit(self.per_key_account, since, until)
+            return RangeAggregates(traffic.result(), ips.result(), keys.result(), grain)
+
+    def traffic(self, since: datetime, until: datetime, grain: int) -> pd.DataFrame:
+        """Events per (bucket of `grain` seconds, outcome, service): bucket, outcome, service, count."""
+        outcome = sa.func.coalesce(events.c.outcome, "unknown")
+        service = sa.func.coalesce(events.c.service, "unknown")
+        return self._bucketed(grain, [outcome, service], self._range(since, until), ["outcome", "service"])
+
+    def _grouped(self, columns: list[sa.ColumnElement], where: list[sa.ColumnElement], names: list[str]) -> pd.DataFrame:
+        failures = sa.func.sum(sa.case((events.c.outcome != Outcome.OK.value, 1), else_=0))
+        auth_failures = sa.func.sum(sa.case((events.c.outcome == Outcome.AUTH_FAILED.value, 1), else_=0))
+        query = (
+            sa.select(*columns, sa.func.count(), failures, auth_failures)
+            .where(*where)
+            .group_by(*columns)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        frame = pd.DataFrame(rows, columns=[*names, "requests", "failures", "auth_failures"])
+        return frame.astype({**{n: "string" for n in names}, "requests": "int64"}).assign(
+            failures=frame["failures"].fillna(0).astype("int64"),
+            auth_failures=frame["auth_failures"].fillna(0).astype("int64"),
+        )
+
+    def per_ip(self, since: datetime, until: datetime) -> pd.DataFrame:
+        """Every client address in the range: source_ip, requests, failures (outcome not ok), auth_failures."""
+        return self._grouped([events.c.source_ip], [events.c.source_ip.isnot(None), *self._range(since, until)],
+                             ["source_ip"])
+
+    def per_key_account(self, since: datetime, until: datetime) -> pd.DataFrame:
+        """Every (api_key_id, account) pair in the range, with requests, failures and auth_failures."""
+        return self._grouped(
+            [events.c.api_key_id, events.c.account],
+            [sa.or_(events.c.api_key_id.isnot(None), events.c.account.isnot(None)), *self._range(since, until)],
+            ["api_key_id", "account"],
+        )
+
+    # ---- one method per figure -----------------------------------------------------------------
+    def requests_over_time(self, span: Span) -> dict[str, Any]:
+        traffic = self.aggregates(span).traffic
+        frame = _rebucket(traffic, span.bucket, ["outcome"])
+        return {"frame": frame, "alerts": self.alerts_frame(span.since, span.until), "tz": span.tz}
+
+    def auth_failures_over_time(self, span: Span) -> dict[str, Any]:
+        traffic = self.aggregates(span).traffic
+        failed = traffic[traffic["outcome"] == Outcome.AUTH_FAILED.value]
+        return {"frame": _rebucket(failed, span.bucket, ["service"]), "tz": span.tz}
+
+    def failure_heatmap(self, span: Span) -> dict[str, Any]:
+        traffic = self.aggregates(span).traffic
+        failed = traffic[traffic["outcome"] == Outcome.AUTH_FAILED.value]
+        return {"frame": _rebucket(failed, 3600, []), "since": span.since, "until": span.until}
+
+    def top_ips(self, span: Span) -> dict[str, Any]:
+        return {"frame": _top(self.aggregates(span).ips, "source_ip")}
+
+    def top_keys(self, span: Span) -> dict[str, Any]:
+        pairs = self.aggregates(span).keys_accounts
+        return {"frame": _top(_sum_by(pairs, "api_key_id"), "api_key_id")}
+
+    def top_accounts(self, span: Span) -> dict[str, Any]:
+        pairs = self.aggregates(span).keys_accounts
+        return {"frame": _top(_sum_by(pairs, "account"), "account")}
+
+    def top_subnets(self, span: Span) -> dict[str, Any]:
+        return {"frame": subnets_frame(self.aggregates(span).ips, top=TOP)}
+
+    def countries_map(self, span: Span) -> dict[str, Any]:
+        return {"frame": countries_frame(self.aggregates(span).ips)}
+
+    def alert_timeline(self, span: Span) -> dict[str, Any]:
+        return {"frame": self.alerts_frame(span.since, span.until), "tz": span.tz}
+
+    def alert_activity(self, alert: dict[str, Any], tz: str | None = None) -> dict[str, Any]:
+        """The alert's entity from well before its window to after it, with the range plotted."""
+        start, end = as_utc(alert["window_start"]), as_utc(alert["window_end"])
+        assert start is not None and end is not None
+        length = max(end - start, timedelta(minutes=10))
+        since = start - max(4 * length, timedelta(hours=2))
+        until = end + max(length, timedelta(hours=1))
+        width = bucket_seconds(since, until)
+        frame = self.entity_activity(alert["entity_kind"], alert["entity"], since, until, width)
+        return {"frame": frame, "alert": alert, "since": since, "bucket_seconds": width, "tz": tz}
+
+    def entity_activity(
+        self, kind: str, entity: str, since: datetime, until: datetime, width: int
+    ) -> pd.DataFrame:
+        """Requests per bucket and outcome of one entity (ip, subnet, api_key or account)."""
+        outcome = sa.func.coalesce(events.c.outcome, "unknown")
+        where = self._range(since, until)
+        network = None
+        if kind in ("ip", "subnet"):
+            try:
+                address, network = parse_ip_filter(entity)
+            except ValueError:
+                return _empty_activity()
+            if network is None:
+                where.append(events.c.source_ip == address)
+            else:
+                prefix = network_text_prefix(network)
+                where.append(events.c.source_ip.startswith(prefix, autoescape=True) if prefix
+                             else events.c.source_ip.isnot(None))
+        elif kind == "api_key":
+            where.append(events.c.api_key_id == entity)
+        elif kind == "account":
+            where.append(events.c.account == entity)
+        else:
+            return _empty_activity()
+        if network is None:
+            return self._bucketed(width, [outcome], where, ["outcome"])
+        # The text prefix only narrows the scan; membership is checked exactly per address.
+        frame = self._bucketed(width, [outcome, events.c.source_ip], where, ["outcome", "source_ip"])
+        inside = [_in(ip, network) for ip in frame["source_ip"]]
+        return (
+            frame[inside].groupby(["bucket", "outcome"], as_index=False)["count"].sum()
+            if any(inside) else _empty_activity()
+        )
+
+    # ---- the report's posture summary ----------------------------------------------------------
+    def posture(self, since: datetime, until: datetime, top: int = 10) -> dict[str, Any]:
+        """Plain-HTTP share, keys with secrets in URLs, keys not rotated, top failing accounts."""
+        in_range = self._range(since, until)
+        with self.engine.connect() as conn:
+            schemes = dict(
+                conn.execute(
+                    sa.select(sa.func.coalesce(events.c.scheme, "unknown"), sa.func.count())
+                    .where(*in_range, events.c.service.in_(["api", "web"]))
+                    .group_by(sa.func.coalesce(events.c.scheme, "unknown"))
+                ).all()
+            )
+            secret_rows = conn.execute(
+                sa.select(events.c.api_key_id, sa.func.count(), sa.func.min(events.c.ts), sa.func.max(events.c.ts))
+                .where(*in_range, events.c.flags.contains(Flag.SECRET_IN_URL.value), events.c.api_key_id.isnot(None))
+                .group_by(events.c.api_key_id)
+                .order_by(sa.func.count().desc(), events.c.api_key_id)
+            ).all()
+            key_rows = conn.execute(
+                sa.select(events.c.api_key_id, events.c.account, sa.func.count(), sa.func.min(events.c.ts),
+                          sa.func.max(events.c.ts))
+                .where(*in_range, events.c.api_key_id.isnot(None))
+                .group_by(events.c.api_key_id, events.c.account)
+            ).all()
+        http, https = int(schemes.get("http", 0)), int(schemes.get("https", 0))
+        keys = pd.DataFrame(key_rows, columns=["api_key_id", "account", "requests", "first_seen", "last_seen"])
+        return {
+            "http_requests": http,
+            "https_requests": https,
+            "unknown_scheme_requests": int(sum(n for s, n in schemes.items() if s not in ("http", "https"))),
+            "plain_http_share": http / (http + https) if http + https else None,
+            "secret_in_url_keys": pd.DataFrame(
+                secret_rows, columns=["api_key_id", "requests", "first_seen", "last_seen"]
+            ).assign(first_seen=lambda f: pd.to_datetime(f["first_seen"], utc=True, format="mixed"),
+                     last_seen=lambda f: pd.to_datetime(f["last_seen"], utc=True, format="mixed")),
+            "unrotated_keys": unrotated_keys(keys),
+            "keys_seen": int(keys["api_key_id"].nunique()),
+            "failing_accounts": self.failing_accounts(since, until, top),
+        }
+
+    def failing_accounts(self, since: datetime, until: datetime, top: int = 10) -> pd.DataFrame:
+        """Accounts with the most failed authentications: account, auth_failures, requests, ips."""
+        auth_failures = sa.func.sum(sa.case((events.c.outcome == Outcome.AUTH_FAILED.value, 1), else_=0))
+        query = (
+            sa.select(events.c.account, auth_failures.label("auth_failures"), sa.func.count().label("requests"),
+                      sa.func.count(sa.distinct(events.c.source_ip)).label("ips"))
+            .where(events.c.account.isnot(None), *self._range(since, until))
+            .group_by(events.c.account)
+            .having(auth_failures > 0)
+            .order_by(auth_failures.desc(), events.c.account)
+            .limit(top)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        frame = pd.DataFrame(rows, columns=["account", "auth_failures", "requests", "ips"])
+        return frame.astype({"account": "string", "auth_failures": "int64", "requests": "int64", "ips": "int64"})
+
+
+def unrotated_keys(keys: pd.DataFrame) -> pd.DataFrame:
+    """Keys whose account used no other key in the period: nothing replaced them.
+
+    `keys` has one row per (api_key_id, account) with requests, first_seen, last_seen. A key
+    without an account counts as its own account. Most used first.
+    """
+    columns = ["api_key_id", "account", "requests", "first_seen", "last_seen"]
+    if keys.empty:
+        return pd.DataFrame(columns=columns)
+    frame = keys.assign(
+        account=keys["account"].where(keys["account"].notna(), "key:" + keys["api_key_id"].astype(str)),
+        first_seen=pd.to_datetime(keys["first_seen"], utc=True, format="mixed"),
+        last_seen=pd.to_datetime(keys["last_seen"], utc=True, format="mixed"),
+    )
+    per_key = frame.groupby("api_key_id").agg(
+        account=("account", "first"), accounts=("account", "nunique"), requests=("requests", "sum"),
+        first_seen=("first_seen", "min"), last_seen=("last_seen", "max"),
+    )
+    keys_per_account = frame.groupby("account")["api_key_id"].nunique()
+    single = per_key[(per_key["accounts"] == 1) & per_key["account"].map(keys_per_account).eq(1)]
+    out = single.reset_index()[columns].sort_values(["requests", "api_key_id"], ascending=[False, True])
+    return out.assign(account=out["account"].where(~out["account"].astype(str).str.startswith("key:"), None))
+
+
+def countries_frame(per_ip: pd.DataFrame) -> pd.DataFrame:
+    """Per-address counts folded into countries (offline lookup, iptocc): country, requests, failures."""
+    if per_ip.empty:
+        return pd.DataFrame({"country": pd.Series(dtype="string"), "requests": pd.Series(dtype="int64"),
+                             "failures": pd.Series(dtype="int64")})
+    codes = iptocc.country_code([str(ip) for ip in per_ip["source_ip"]])
+    located = per_ip.assign(country=pd.Series(codes, index=per_ip.index, dtype="string")).dropna(subset=["country"])
+    return (
+        located.groupby("country", as_index=False)[["requests", "failures"]].sum()
+        .sort_values(["requests", "country"], ascending=[False, True])
+        .reset_index(drop=True)
+    )
+
+
+def _in(address: Any, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(str(address)) in network
+    except ValueError:
+        return False
+
+
+def _empty_activity() -> pd.DataFrame:
+    return pd.DataFrame({"bucket": pd.Series(dtype="datetime64[ns, UTC]"), "outcome": pd.Series(dtype="string"),
+                         "count": pd.Series(dtype="int64")})
+
+
+Loader = Callable[[FrameReader, Span], dict[str, Any]]
+
+# Keyword arguments of FIGURES[name] for a range; a figure without a loader here is not served by
+# range (alert_activity takes an alert, score_distribution a model's scores).
+LOADERS: dict[str, Loader] = {
+    "requests_over_time": FrameReader.requests_over_time,
+    "auth_failures_over_time": FrameReader.auth_failures_over_time,
+    "failure_heatmap": FrameReader.failure_heatmap,
+    "top_ips": FrameReader.top_ips,
+    "top_subnets": FrameReader.top_subnets,
+    "top_keys": FrameReader.top_keys,
+    "top_accounts": FrameReader.top_accounts,
+    "countries_map": FrameReader.countries_map,
+    "alert_timeline": FrameReader.alert_timeline,
+}
