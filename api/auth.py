@@ -31,6 +31,8 @@ class Scope(enum.StrEnum):
     ALERTS_WRITE = "alerts:write"
     EVENTS_READ = "events:read"
     INGEST = "ingest"
+    # Prometheus scrapes with a key that can read nothing else.
+    METRICS_READ = "metrics:read"
     ADMIN = "admin"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,7 +36,7 @@ def _settings(database_url: str | None) -> Settings:
 def apikey_create(
     scope: Annotated[
         list[str],
-        typer.Option("--scope", "-s", help="alerts:read, alerts:write, events:read, ingest or admin; repeat for more."),
+        typer.Option("--scope", "-s", help="alerts:read, alerts:write, events:read, ingest, metrics:read or admin; repeat for more."),
     ],
     name: Annotated[str, typer.Option("--name", "-n", help="Who or what uses the key (shown in the audit log).")],
     database_url: DatabaseOption = None,
@@ -130,6 +131,11 @@ def serve(
     app = create_app(settings)
     scheme = "https" if tls else "http"
     err.print(f"mailwarden API on {scheme}://{host}:{port} (docs at /docs)")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the previous
+    # handler; with the default one the process would die there, before `mailwarden run` stops its
+    # scheduler and followers. A handler that only notes it lets both return normally.
+    stopped: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopped.append(signum))
     uvicorn.run(
         app,
         host=host,

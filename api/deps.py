@@ -15,7 +15,7 @@ from api.auth import FailureLimiter, KeyRing, Network, Principal, Scope
 from api.metrics import Metrics
 from api.queries import ApiQueries
 from pipeline.config import Settings
-from pipeline.store import Store
+from pipeline.store import Store, make_engine
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ class ApiState:
 
     @classmethod
     def build(cls, settings: Settings, store: Store, limits: ApiLimits) -> ApiState:
+        if settings.read_database_url and store.read_engine is store.engine:
+            # API replicas read events from MAILWARDEN_READ_DATABASE_URL; Store.close disposes it.
+            store.read_engine = make_engine(settings.read_database_url)
         return cls(
             settings=settings,
             store=store,
@@ -172,4 +175,5 @@ AlertsReader = Annotated[Principal, Depends(require(Scope.ALERTS_READ))]
 AlertsWriter = Annotated[Principal, Depends(require(Scope.ALERTS_WRITE))]
 EventsReader = Annotated[Principal, Depends(require(Scope.EVENTS_READ))]
 Ingester = Annotated[Principal, Depends(require(Scope.INGEST))]
+MetricsReader = Annotated[Principal, Depends(require(Scope.METRICS_READ))]
 Admin = Annotated[Principal, Depends(require(Scope.ADMIN))]

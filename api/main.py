@@ -28,6 +28,13 @@ Every endpoint but `/health` needs an API key (`mailwarden apikey create --scope
 an address that presents wrong keys too often is refused with 429 for a while."""
 
 
+async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    # A parameter the database cannot compare with (PostgreSQL: a NUL character in text) is the
+    # caller's mistake, not an outage.
+    return JSONResponse({"detail": "a parameter holds a value the store cannot use (e.g. a NUL character)"},
+                        status_code=422)
+
+
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("store error on %s %s: %s", request.method, request.url.path, str(exc).splitlines()[:1])
     return JSONResponse({"detail": "the store is unavailable; retry later"}, status_code=503)
@@ -54,6 +61,7 @@ def create_app(
         app.include_router(module.router)
     app.add_exception_handler(StoreError, _store_unavailable)
     app.add_exception_handler(sa.exc.OperationalError, _store_unavailable)
+    app.add_exception_handler(sa.exc.DataError, _unstorable_value)
     # Added last = runs first: the audit sees every answer, the 413s of the body limit included.
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(AuditMiddleware, state=state)

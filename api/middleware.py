@@ -28,6 +28,14 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
+def _text(value: str | None, limit: int) -> str | None:
+    """A column-safe copy: PostgreSQL text cannot hold NUL, and a request that smuggles one in
+    (a decoded `%00` in the path) must still be audited."""
+    if value is None:
+        return None
+    return value.replace("\x00", "\\x00")[:limit]
+
+
 def _outcome(status: int) -> str:
     if status < 400:
         return "ok"
@@ -79,12 +87,12 @@ class AuditMiddleware:
                 "key_id": ctx.key_id,
                 "key_name": ctx.key_name,
                 "method": scope["method"][:16],
-                "path": path[:PATH_LIMIT],
+                "path": _text(path, PATH_LIMIT),
                 "status": status,
                 "outcome": ctx.outcome or _outcome(status),
-                "detail": ctx.detail,
+                "detail": _text(ctx.detail, PATH_LIMIT),
                 "duration_ms": round(seconds * 1000, 3),
-                "user_agent": (_header(scope, b"user-agent") or "")[:AGENT_LIMIT] or None,
+                "user_agent": _text(_header(scope, b"user-agent"), AGENT_LIMIT) or None,
             }
             try:
                 await anyio.to_thread.run_sync(self.state.queries.write_audit, entry)

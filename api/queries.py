@@ -257,6 +257,9 @@ class ApiQueries:
     def __init__(self, store: Store):
         self.store = store
         self.engine = store.engine
+        # Event reads may use a replica (read_database_url); alerts, silences and audit stay on the
+        # primary, so a triage change is read back at once.
+        self.read_engine = getattr(store, "read_engine", store.engine)
         self.dialect = store.dialect
 
     def ping(self) -> None:
@@ -307,7 +310,7 @@ class ApiQueries:
         events in its window."""
         ids = [str(i) for i in (alert.get("evidence") or {}).get("sample_event_ids") or []][:limit]
         if ids:
-            with self.engine.connect() as conn:
+            with self.read_engine.connect() as conn:
                 rows = conn.execute(
                     sa.select(events).where(events.c.event_id.in_(ids)).order_by(events.c.ts, events.c.event_id)
                 ).all()
@@ -344,7 +347,7 @@ class ApiQueries:
         found: list[dict[str, Any]] = []
         scanned = 0
         last: tuple[datetime, str] | None = None
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             while True:
                 where = list(conds)
                 if position is not None:
@@ -375,7 +378,7 @@ class ApiQueries:
                     return EventPage(found, encode_cursor(*last), scanned)
 
     def latest_event_time(self) -> datetime | None:
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             return as_utc(conn.execute(sa.select(sa.func.max(events.c.ts))).scalar())
 
     # ---- stats and plot frames ---------------------------------------------------------------
@@ -388,7 +391,7 @@ class ApiQueries:
         return conds
 
     def outcome_counts(self, since: datetime | None, until: datetime | None) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             rows = conn.execute(
                 sa.select(events.c.outcome, sa.func.count())
                 .where(*self._range(since, until))
@@ -411,7 +414,7 @@ class ApiQueries:
             .order_by(requests.desc(), col)
             .limit(top)
         )
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             rows = conn.execute(query).all()
         return [
             {"value": r.value, "requests": int(r.requests), "failures": int(r.failures or 0),
@@ -436,7 +439,7 @@ class ApiQueries:
             .group_by(bucket, outcome)
             .order_by(bucket, outcome)
         )
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             rows = conn.execute(query).all()
         frame = pd.DataFrame(rows, columns=["bucket", "outcome", "count"])
         return frame.assign(

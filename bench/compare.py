@@ -316,16 +316,93 @@ def mailwarden_flags(url: str, work: Path, logs: Path, name: str) -> dict:
         info["error"] = f"alerts --json is not JSON: {exc}"
         return info
     ips: dict[str, list[str]] = {}
+    titles: dict[str, list[str]] = {}
     others: dict[str, int] = {}
     for row in rows:
         kind = str(row.get("entity_kind", ""))
         if kind == "ip":
             ips.setdefault(str(row["entity"]), []).append(str(row.get("detector")))
+            titles.setdefault(str(row["entity"]), []).append(str(row.get("title", "")))
         else:
             others[kind] = others.get(kind, 0) + 1
     info.update(alerts=len(rows), flagged=set(ips), detectors={ip: sorted(set(d)) for ip, d in ips.items()},
-                other_entities=others)
+                titles={ip: sorted(set(t))[:3] for ip, t in titles.items()}, other_entities=others)
     return info
+
+
+# Longest explanation list printed per comparison (all of them go to compare.json).
+EXPLAIN_MAX = 25
+
+
+def ip_facts(log: Path, ips: set[str]) -> dict[str, dict]:
+    """What the raw combined log says about each IP: lines, 401 answers and their densest 10 minutes,
+    and the densest 5 minutes of requests. Read with polars, independently of mailwarden's parser."""
+    import numpy as np
+    import polars as pl
+
+    if not ips:
+        return {}
+    frame = (
+        pl.scan_csv(log, has_header=False, separator="\x01", quote_char=None, new_columns=["line"],
+                    schema_overrides={"line": pl.String}, truncate_ragged_lines=True)
+        .with_columns(pl.col("line").str.extract(r"^(\S+)").alias("ip"))
+        .filter(pl.col("ip").is_in(sorted(ips)))
+        .select(
+            "ip",
+            pl.col("line").str.extract(r"\[([^\]]+)\]").str.strptime(pl.Datetime("us", "UTC"), "%d/%b/%Y:%H:%M:%S %z",
+                                                                      strict=False).dt.epoch("s").alias("t"),
+            pl.col("line").str.extract(r'" (\d{3}) ').cast(pl.Int32, strict=False).alias("status"),
+        )
+        .collect()
+    )
+
+    def densest(times: np.ndarray, span: int) -> int:
+        if times.size == 0:
+            return 0
+        times = np.sort(times)
+        return int((np.searchsorted(times, times + span, side="left") - np.arange(times.size)).max())
+
+    facts = {}
+    for ip in ips:
+        rows = frame.filter(pl.col("ip") == ip)
+        t = rows["t"].drop_nulls().to_numpy()
+        t401 = rows.filter(pl.col("status") == 401)["t"].drop_nulls().to_numpy()
+        facts[ip] = {"lines": rows.height, "answered_401": int(t401.size), "peak_401_in_10min": densest(t401, 600),
+                     "peak_requests_in_5min": densest(t, 300)}
+    return facts
+
+
+def mailwarden_thresholds() -> dict:
+    """The default thresholds of the two detectors that overlap with the peers' rules."""
+    from detectors.registry import build_detectors
+
+    out = {}
+    for d in build_detectors({}):
+        if d.name in ("auth_bruteforce", "ip_burst"):
+            out[d.name] = {"threshold": d.threshold, "window_s": int(d.window.total_seconds())}
+    return out
+
+
+def explain(cmp: dict, facts: dict[str, dict], peer_why: dict, mine: dict, limits: dict, peer_rule: str) -> list[dict]:
+    """One sentence per IP flagged by only one side: the facts from the log and the rule that decided."""
+    ab, burst = limits.get("auth_bruteforce", {}), limits.get("ip_burst", {})
+    ours = (f"mailwarden's auth_bruteforce wants {ab.get('threshold')} failures in {ab.get('window_s', 0) // 60} min "
+            f"and ip_burst {burst.get('threshold')} requests in {burst.get('window_s', 0) // 60} min")
+    out = []
+    for ip in cmp["only_peer_all"]:
+        f = facts.get(ip, {})
+        out.append({"ip": ip, "flagged_by": cmp["peer"], "why": (
+            f"{cmp['peer']} ({', '.join(peer_why.get(ip, [])) or peer_rule}): {f.get('lines', '?')} lines, "
+            f"{f.get('answered_401', '?')} answered 401 (at most {f.get('peak_401_in_10min', '?')} in 10 min), at most "
+            f"{f.get('peak_requests_in_5min', '?')} requests in 5 min; below what {ours}")})
+    for ip in cmp["only_mailwarden_all"]:
+        f = facts.get(ip, {})
+        out.append({"ip": ip, "flagged_by": "mailwarden", "why": (
+            f"mailwarden ({', '.join(mine['detectors'].get(ip, []))}: {'; '.join(mine['titles'].get(ip, []))}): "
+            f"{f.get('lines', '?')} lines, at most {f.get('peak_401_in_10min', '?')} 401s in 10 min and "
+            f"{f.get('peak_requests_in_5min', '?')} requests in 5 min; {cmp['peer']}'s rules ({peer_rule}) do not "
+            "look at this behaviour or stay under their own thresholds")})
+    return out
 
 
 def compare_sets(peer_name: str, peer: set[str], mine: set[str], attackers: list[dict],
@@ -338,6 +415,8 @@ def compare_sets(peer_name: str, peer: set[str], mine: set[str], attackers: list
         "both": len(both),
         "only_peer": sorted(peer - mine)[:20],
         "only_mailwarden": sorted(mine - peer)[:20],
+        "only_peer_all": sorted(peer - mine),
+        "only_mailwarden_all": sorted(mine - peer),
         "attackers": [
             {"ip": a["ip"], "kind": a["kind"], "peer": a["ip"] in peer, "mailwarden": a["ip"] in mine,
              "peer_why": (peer_why or {}).get(a["ip"], []), "mailwarden_why": (mine_why or {}).get(a["ip"], [])}
@@ -359,6 +438,13 @@ def print_comparison(title: str, cmp: dict) -> None:
         mark = lambda hit, why: ("yes" + (f" ({', '.join(why)})" if why else "")) if hit else "no"  # noqa: E731
         say(f"    injected {a['kind']} {a['ip']}: {cmp['peer']} {mark(a['peer'], a['peer_why'])}; "
             f"mailwarden {mark(a['mailwarden'], a['mailwarden_why'])}")
+    explained = cmp.get("explanations", [])
+    if explained:
+        say(f"    each difference ({len(explained)}):")
+    for e in explained[:EXPLAIN_MAX]:
+        say(f"      {e['ip']}: {e['why']}")
+    if len(explained) > EXPLAIN_MAX:
+        say(f"      ... {len(explained) - EXPLAIN_MAX} more in compare.json")
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -686,6 +772,9 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
             if "flagged" in f2b_found:
                 cmp = compare_sets("fail2ban", f2b_found["flagged"], mine["flagged"], attackers,
                                    None, mine["detectors"])
+                rule = f"a 401 answer, {peers.F2B_MAXRETRY} in {peers.F2B_FINDTIME // 60} min"
+                facts = ip_facts(combined, set(cmp["only_peer_all"]) | set(cmp["only_mailwarden_all"]))
+                cmp["explanations"] = explain(cmp, facts, {}, mine, mailwarden_thresholds(), rule)
                 detection["fail2ban_vs_mailwarden"] = cmp
                 print_comparison(f"fail2ban (401 filter; ban = {peers.F2B_MAXRETRY} matches in "
                                  f"{peers.F2B_FINDTIME // 60} min) vs mailwarden, {label_c}", cmp)
@@ -708,6 +797,9 @@ def _main(args: argparse.Namespace, out_dir: Path, work: Path, logs: Path, pg: P
             else:
                 cmp = compare_sets("CrowdSec", cs_found["flagged"], mine["flagged"], attackers,
                                    cs_found.get("scenarios"), mine["detectors"])
+                facts = ip_facts(crowdsec_log, set(cmp["only_peer_all"]) | set(cmp["only_mailwarden_all"]))
+                cmp["explanations"] = explain(cmp, facts, cs_found.get("scenarios", {}), mine, mailwarden_thresholds(),
+                                              "the nginx collection's http scenarios")
                 detection["crowdsec_vs_mailwarden"] = cmp
                 print_comparison(f"CrowdSec (nginx collection, offline hub) vs mailwarden, {label_s}", cmp)
         elif "flagged" in cs_found:

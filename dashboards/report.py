@@ -20,6 +20,10 @@ from pipeline.schema import Outcome, Severity
 # Alert rows written into the report; a noisy period says how many more there were.
 MAX_ALERT_ROWS = 500
 MAX_KEY_ROWS = 25
+# The overview, then the model's view of the range (too slow to fit for the dashboard's first load,
+# but a report is written once).
+REPORT_FIGURES = [*OVERVIEW, "score_distribution"]
+WIDE = frozenset({"requests_over_time", "alert_timeline", "countries_map", "score_distribution"})
 
 
 @dataclass
@@ -39,7 +43,7 @@ class ReportInput:
     template: str
     version: str = "unknown"
     title: str = "mailwarden report"
-    figure_order: Sequence[str] = field(default_factory=lambda: list(OVERVIEW))
+    figure_order: Sequence[str] = field(default_factory=lambda: list(REPORT_FIGURES))
 
 
 def _e(value: Any) -> str:
@@ -107,14 +111,19 @@ def _posture_html(posture: Mapping[str, Any]) -> str:
     parts.append(f'<h3>Plain HTTP</h3><p id="plain-http">{_e(text)}</p>')
 
     secret = posture.get("secret_in_url_keys", pd.DataFrame())
-    parts.append(f"<h3>Keys seen with a secret in the URL ({len(secret)})</h3>")
+    named = int(secret["api_key_id"].notna().sum()) if len(secret) else 0
+    total = int(secret["requests"].sum()) if len(secret) else 0
+    parts.append(f"<h3>Keys seen with a secret in the URL ({named} keys named, {total:,} requests)</h3>")
     if len(secret):
-        parts.append('<p class="status">A key in a query string ends up in proxy and browser logs: rotate these.</p>')
+        parts.append('<p class="status">A key in a query string ends up in proxy and browser logs: rotate these. '
+                     "Where the key was only in the URL it was redacted before storage, so the account and "
+                     "addresses say whose it was.</p>")
         parts.append(_table(
-            ["API key (fingerprint)", "requests", "first seen (UTC)", "last seen (UTC)"],
-            ([f"<code>{_e(r.api_key_id)}</code>", f"{int(r.requests):,}", _utc(r.first_seen), _utc(r.last_seen)]
+            ["API key (fingerprint)", "account", "requests", "addresses", "first seen (UTC)", "last seen (UTC)"],
+            ([f"<code>{_e(r.api_key_id)}</code>" if isinstance(r.api_key_id, str) else "only in the URL (redacted)",
+              _e(r.account), f"{int(r.requests):,}", f"{int(r.ips):,}", _utc(r.first_seen), _utc(r.last_seen)]
              for r in secret.head(MAX_KEY_ROWS).itertuples(index=False)),
-            numeric=[1], table_id="secret-keys",
+            numeric=[2, 3], table_id="secret-keys",
         ))
     else:
         parts.append("<p>None.</p>")
@@ -199,7 +208,7 @@ def render_report(data: ReportInput) -> str:
     figures = build_figures(data)
     figure_html = []
     for name, figure in figures.items():
-        wide = " wide" if name in ("requests_over_time", "alert_timeline", "countries_map") else ""
+        wide = " wide" if name in WIDE else ""
         figure_html.append(
             f'<div class="figure{wide}" id="fig-{_e(name)}"></div>'
             f'<script type="application/json" data-figure="{_e(name)}">{_json_for_script(figure.to_json())}</script>'

@@ -198,14 +198,29 @@ def entity_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), np.asarray(labels, dtype=object)
 
 
-def episodes(timeline: Timeline, value: np.ndarray, hot: np.ndarray, window_us: int) -> pd.DataFrame:
+def episodes(
+    timeline: Timeline, value: np.ndarray, hot: np.ndarray, window_us: int, known_us: int | None = None
+) -> pd.DataFrame:
     """Group the hot events of each entity into episodes, one row per episode.
 
     Hot events of one entity belong to the same episode while less than a window apart. An episode
     starts at the first event of the first window that went over the threshold and ends at its last
     hot event, so a later `now` that still sees the episode gives the same start (and alert id).
+    With `known_us` (the start of what the frame is known to hold, see detectors.rules.known_from),
+    only episodes whose first hot event has two windows of known time before it are kept: a hot
+    event in the window before it, which would make it a continuation, depends on the window
+    before that. An attack running since before the frame then keeps the start (and id) an earlier
+    run gave it, instead of appearing to begin where the frame does.
     Columns: code, first, first_hot, last, peak, peak_pos (positions in timeline order).
     """
+    found = _episodes(timeline, value, hot, window_us)
+    if known_us is None or found.empty:
+        return found
+    confirmed = timeline.times[found["first_hot"].to_numpy()] - 2 * window_us >= known_us
+    return found[confirmed].reset_index(drop=True)
+
+
+def _episodes(timeline: Timeline, value: np.ndarray, hot: np.ndarray, window_us: int) -> pd.DataFrame:
     positions = np.flatnonzero(hot)
     if len(positions) == 0:
         return pd.DataFrame(

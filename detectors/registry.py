@@ -12,6 +12,8 @@ import pandas as pd
 
 from detectors.allowlist import ALLOW_PARAMS, Allowlist, allowlist_from_config
 from detectors.base import Detector
+from detectors.models.iforest_ip import IforestIp
+from detectors.models.iforest_key import IforestKey
 from detectors.rules.auth_bruteforce import AuthBruteforce
 from detectors.rules.credential_stuffing import CredentialStuffing
 from detectors.rules.enumeration import Enumeration
@@ -42,6 +44,8 @@ DETECTORS: dict[str, type[Detector]] = {
         NewCountry,
         ImpossibleTravel,
         RevokedKey,
+        IforestIp,
+        IforestKey,
     )
 }
 
@@ -51,7 +55,7 @@ class DetectorContext:
     """What the detect job knows that pure detectors may not fetch: geo lookups, the revocation list.
 
     Built by the job from settings and store (pipeline.geo.Geo.from_settings,
-    pipeline.revocations.load_revoked); detectors with a field of the same name get it.
+    pipeline.jobs.load_revoked); detectors with a field of the same name get it.
     """
 
     geo: Geo | None = None

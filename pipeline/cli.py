@@ -41,6 +41,10 @@ def _mount_subcommands() -> None:
     app.add_typer(apikey_app, name="apikey")
     app.add_typer(notify_app, name="notify")
     app.command("serve")(serve)
+    from pipeline.report_cli import report
+
+    app.command("report")(report)
+    __import__("pipeline.detect_cli", fromlist=["mount"]).mount(app)  # evaluate, train, keys
 
 # Piped output is not cut to 80 columns: alert titles are the point of the table.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -155,7 +159,7 @@ def detect(
     from pipeline.jobs import detect_range
 
     settings = _settings(database_url)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, read_url=settings.read_database_url)
     try:
         summary = detect_range(store, settings, _parse_time(since, "since"), _parse_time(until, "until"))
         _apply_silences(store)
@@ -242,6 +246,7 @@ def demo(
     from pipeline.jobs import detect_range, ingest_paths
 
     settings = _settings(database_url)
+    settings = settings.model_copy(update={"log_format": settings.log_format or "mailapi"})  # the generator's nginx format
     err.print(f"[bold]1/4[/] writing sample logs to {data_dir}/")
     run_generator(data_dir, days=2, seed=7, attacks=True, scale=0.1)
     store = Store.open(settings.database_url)
@@ -255,6 +260,9 @@ def demo(
         err.print(f"      {found.alerts_found} alerts over {found.events:,} events in {found.seconds:.2f} s")
         err.print("[bold]4/4[/] alerts")
         out.print(_alerts_table(store.list_alerts(limit=50)))
+        from pipeline.demo_store import print_dashboard_hint
+
+        print_dashboard_hint(store, database_url, err)
     finally:
         store.close()
     err.print(f"labels of the injected attacks: {data_dir / 'labels.csv'}")
@@ -279,7 +287,7 @@ def run(
     from pipeline.scheduler import Service
 
     settings = _settings(database_url)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, read_url=settings.read_database_url)
     service = Service(settings, store, after_detect=_apply_silences)
     service.start()
     err.print(
@@ -304,6 +312,23 @@ def db_upgrade(database_url: DatabaseOption = None) -> None:
         out.print(f"store {redact_url(settings.database_url)} at revision {current_revision(store.engine)}")
     finally:
         store.close()
+
+
+@db_app.command("maintain")
+def db_maintain(database_url: DatabaseOption = None) -> None:
+    """Create the coming days' event partitions (PostgreSQL) and remove events past retention_days."""
+    from pipeline.partitions import maintain
+
+    settings = _settings(database_url)
+    store = Store.open(settings.database_url)
+    try:
+        done = maintain(store.engine, datetime.now(timezone.utc), settings.partition_days_ahead, settings.retention_days)
+    finally:
+        store.close()
+    out.print(
+        f"{len(done.created)} partitions created ({done.moved_from_default:,} rows moved out of the default "
+        f"partition), {len(done.dropped)} dropped, {done.deleted:,} old rows deleted"
+    )
 
 
 def main() -> None:

@@ -42,6 +42,8 @@ class ScheduleConfig(BaseModel):
     train_hours: float = Field(24.0, gt=0)
     # How far back the first detect run looks when the store has no watermark yet.
     initial_lookback_hours: float = Field(24.0, gt=0)
+    # Partition upkeep and retention (pipeline.partitions.maintain).
+    maintenance_seconds: float = Field(3600.0, gt=0)
 
 
 class AllowlistConfig(BaseModel):
@@ -68,6 +70,12 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "sqlite:///./mailwarden.db"
+    # A read replica (or pooler) for API queries and detector window reads; None: database_url.
+    read_database_url: str | None = None
+    # Events older than this many days are removed (PostgreSQL: whole daily partitions); None: kept.
+    retention_days: int | None = Field(None, gt=0)
+    # Daily partitions created ahead of today on PostgreSQL.
+    partition_days_ahead: int = Field(7, ge=1, le=366)
     # Where generated state (the pepper file) lives when nothing else is configured.
     data_dir: Path = Path(".mailwarden")
     # HMAC key for API-key fingerprints and address hashes. Generated into data_dir if unset.

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Settings
 from pipeline.generate import LABELS_FILE
@@ -44,7 +45,9 @@ class SampleStore:
         return self.logs / LABELS_FILE
 
     def settings(self) -> Settings:
-        return Settings(database_url=self.url, pepper=SAMPLE_PEPPER, data_dir=self.folder / "state")
+        # The generator writes its nginx file in the "mailapi" log_format (scheme and X-Api-Key included).
+        return Settings(database_url=self.url, pepper=SAMPLE_PEPPER, data_dir=self.folder / "state",
+                        log_format="mailapi")
 
     def exists(self) -> bool:
         return self.db_path.is_file() and self.labels.is_file()
@@ -81,11 +84,71 @@ def build_sample_store(folder: Path, *, days: int = 2, seed: int = 7, scale: flo
     return SampleStore(folder)
 
 
+# Names a folder holding (or to hold) the sample store, instead of one in the temp dir.
+SAMPLE_DIR_ENV = "MAILWARDEN_SAMPLE_DIR"
+STORE_URL_ENV = "MAILWARDEN_DATABASE_URL"
+
+
 def sample_store(folder: Path | None = None, **params: float) -> SampleStore:
-    """The sample store in `folder` (default: one per user in the temp dir), built if missing."""
+    """The sample store in `folder` (default: $MAILWARDEN_SAMPLE_DIR, else one in the temp dir),
+    built if missing."""
     days, seed, scale = int(params.get("days", 2)), int(params.get("seed", 7)), float(params.get("scale", 0.1))
+    if folder is None and os.environ.get(SAMPLE_DIR_ENV):
+        folder = Path(os.environ[SAMPLE_DIR_ENV])
     folder = folder or Path(tempfile.gettempdir()) / f"mailwarden-sample-d{days}-s{seed}-x{scale:g}"
     found = SampleStore(Path(folder))
     if found.exists():
         return found
     return build_sample_store(found.folder, days=days, seed=seed, scale=scale)
+
+
+# The key the demo makes so the dashboard can be opened at once: read alerts and events, and move
+# alerts (acknowledge, resolve). Each demo run revokes the previous demo key before making its own.
+DEMO_KEY_NAME = "demo dashboard"
+DEMO_KEY_SCOPES = ("alerts:read", "alerts:write", "events:read")
+
+
+def make_demo_key(store: Store) -> str:
+    """A fresh dashboard key for the demo store (earlier demo keys revoked); the raw key, shown once."""
+    from api.auth import KeyRing
+
+    ring = KeyRing(store.engine)
+    for key in ring.list():
+        if key["name"] == DEMO_KEY_NAME and key["revoked_at"] is None:
+            ring.revoke(key["key_id"])
+    raw, _ = ring.create(DEMO_KEY_NAME, DEMO_KEY_SCOPES)
+    return raw
+
+
+def dashboard_hint(raw_key: str, database_url: str | None, port: int = 8000) -> list[str]:
+    """The lines that tell how to open the dashboard on this store."""
+    store_option = f" --database-url '{database_url}'" if database_url else ""
+    return [
+        "open the dashboard on this store:",
+        f"  mailwarden serve{store_option}",
+        f"  then browse to http://127.0.0.1:{port}/ and paste this key (made for the demo, shown only now):",
+        f"  {raw_key}",
+        "  (it reads alerts and events and can acknowledge or resolve alerts;"
+        " `mailwarden apikey revoke` ends it)",
+        f"a shareable report: mailwarden report{store_option} --out report.html",
+    ]
+
+
+def print_dashboard_hint(store: Store, database_url: str | None, console: Any) -> None:
+    """Make the demo's dashboard key and print how to open the dashboard with it."""
+    for line in dashboard_hint(make_demo_key(store), database_url):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def notebook_store() -> tuple[Store, str]:
+    """The store a notebook reads: $MAILWARDEN_DATABASE_URL when set, else the sample store (built
+    on first use). Returns the open store and its URL with any password hidden."""
+    from pipeline.schema import MailwardenError
+    from pipeline.store import redact_url
+
+    url = os.environ.get(STORE_URL_ENV) or sample_store().url
+    store = Store.open(url)
+    if store.event_time_range() is None:
+        store.close()
+        raise MailwardenError(f"the store {redact_url(url)} holds no events: ingest logs or run `mailwarden demo` first")
+    return store, redact_url(url)

@@ -1306,7 +1306,11 @@ def _write_keys(out_dir: Path, w: _World, seed: int) -> int:
         })
     doc = {"seed": seed, "start": _iso(w.start_ms), "end": _iso(w.end_ms), "customers": customers}
     (out_dir / KEYS_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    (out_dir / REVOKED_FILE).write_text("".join(f"{k}\n" for _, k in sorted(revoked)), encoding="utf-8")
+    # `KEY TIME` lines, the format `mailwarden keys revoke --file` reads: the time keeps the key's
+    # ordinary life before its rotation out of the findings.
+    (out_dir / REVOKED_FILE).write_text(
+        "".join(f"{k} {_iso(at)}\n" for at, k in sorted(revoked)), encoding="utf-8"
+    )
     return len(revoked)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import logging
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -13,14 +17,26 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pandas as pd
 import polars as pl
+import sqlalchemy as sa
 
 from pipeline.config import Settings
 from pipeline.parsers import PARSERS, ParseContext, Parser, _load_builtin
 from pipeline.parsers.auto import sniff_format
 from pipeline.parsers.base import empty_events
-from pipeline.privacy import redact_texts
-from pipeline.schema import Alert, ConfigError, event_id_expr, event_ids
+from pipeline.privacy import fingerprint, redact_texts
+from pipeline.schema import (
+    EVENT_COLUMNS,
+    Alert,
+    AlertStatus,
+    ConfigError,
+    Severity,
+    event_id_expr,
+    event_ids,
+    pandas_dtypes,
+    polars_schema,
+)
 from pipeline.sources import (
     LineBatch,
     expand_paths,
@@ -31,6 +47,8 @@ from pipeline.sources import (
     read_stdin_batches,
 )
 from pipeline.store import Checkpoint, Store
+
+log = logging.getLogger(__name__)
 
 STDIN = "-"
 # How many lines `auto` looks at before choosing a format for a file.
@@ -134,10 +152,13 @@ class BatchIngester:
                 source.key, batch.path, ident.dev, ident.inode, ident.first_line_hash, batch.end_offset,
                 batch.next_line_no, source.probe_len, source.probe_hash,
             )
+        # Encoded here, on the parsing thread, while the writer still writes the previous batch.
+        encoded = self.store.encode_events(frame)
+        del frame
         self.wait()
         self.summary.lines_read += len(batch.lines)
         self.summary.reasons.update(q["reason"] for q in quarantined)
-        self._pending = self._writer.submit(self.store.write_batch, frame, quarantined, cp)
+        self._pending = self._writer.submit(self.store.write_batch, encoded, quarantined, cp)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -242,6 +263,9 @@ def ingest_paths(
     summary = IngestSummary()
     if fmt != "auto":
         make_parser(fmt, parse_context(settings))  # fail fast on an unknown format
+    bulk = _bulk_load_worthwhile(store, patterns)
+    if bulk:
+        store.drop_secondary_indexes()
     ingester = BatchIngester(store, summary)
     try:
         for pattern in patterns:
@@ -251,9 +275,31 @@ def ingest_paths(
             for path in expand_paths([pattern]):
                 _ingest_file(ingester, store, settings, path, fmt, summary, progress)
     finally:
-        ingester.close()
+        try:
+            ingester.close()
+        finally:
+            if bulk:
+                store.ensure_indexes()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+# Bulk-load mode (secondary indexes built once at the end, see Store.drop_secondary_indexes) pays
+# off when the input is big and at least as large as what is stored: rebuilding sorts the whole
+# table, so a small file appended to a big store keeps the indexes. Bytes per line of a typical
+# access log turn file sizes into an estimate of lines.
+BULK_MIN_BYTES = 32 << 20
+BULK_BYTES_PER_LINE = 120
+
+
+def _bulk_load_worthwhile(store: Store, patterns: list[str]) -> bool:
+    try:
+        pending = sum(_size_hint(p) for p in expand_paths([p for p in patterns if p != STDIN]))
+    except ConfigError:
+        return False  # the loop below reports the pattern that matches nothing
+    if pending < BULK_MIN_BYTES:
+        return False
+    return not store.has_at_least(pending // BULK_BYTES_PER_LINE)
 
 
 def _ingest_file(
@@ -350,6 +396,41 @@ def follow_paths(
 
 # ---- detection -------------------------------------------------------------------------------
 
+# The detect job's own tables (migration 0004). Declared here, on their own metadata, because only
+# the detection jobs and their CLI read or write them.
+_detect_metadata = sa.MetaData()
+revoked_keys = sa.Table(
+    "revoked_keys",
+    _detect_metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("added_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("note", sa.Text),
+)
+trained_models = sa.Table(
+    "models",
+    _detect_metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("features", sa.Text, nullable=False),
+    sa.Column("params", sa.Text, nullable=False),
+    sa.Column("sklearn_version", sa.String(32), nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("trained_from", sa.DateTime(timezone=True)),
+    sa.Column("trained_to", sa.DateTime(timezone=True)),
+    sa.Column("trained_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("state", sa.LargeBinary, nullable=False),
+)
+
+# What `fingerprint()` and the parsers store in `api_key_id` (as detectors.allowlist reads it).
+_STORED_KEY = re.compile(r"^(?:[0-9a-f]{20}|id:.+)$")
+# Columns the detectors read: everything but `origin` (evidence points back through event ids).
+DETECT_COLUMNS = [c for c in EVENT_COLUMNS if c != "origin"]
+# How much data one load brings into memory; longer replays load in pieces of this size.
+LOAD_SPAN = timedelta(days=7)
+# The detect job replays history in steps of a day, each with every detector's lookback before it
+# (detectors.rules.REPLAY_STEP holds the detectors to this).
+DETECT_STEP = timedelta(days=1)
+
 
 @dataclass
 class DetectSummary:
@@ -361,6 +442,9 @@ class DetectSummary:
     alerts_updated: int = 0
     by_detector: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    load_seconds: float = 0.0
+    seconds_by_detector: Counter = field(default_factory=Counter)
+    alerts: list[Alert] = field(default_factory=list)
 
 
 def _steps(since: datetime, until: datetime, step: timedelta) -> Iterator[tuple[datetime, datetime]]:
@@ -373,47 +457,361 @@ def _steps(since: datetime, until: datetime, step: timedelta) -> Iterator[tuple[
         yield since, until
 
 
+def key_id_of(value: str, pepper: bytes) -> str:
+    """The id an API key is stored under: fingerprints and `id:` values as given, raw keys
+    fingerprinted (the raw key is never kept)."""
+    value = value.strip()
+    return value if _STORED_KEY.match(value) else fingerprint(value, pepper)
+
+
+def read_revocation_file(path: str | os.PathLike[str]) -> list[tuple[str, datetime | None]]:
+    """Lines `KEY [TIME]` (raw key or fingerprint, optional ISO-8601 revocation time); blank lines
+    and `#` comments are skipped. A bad line is a ConfigError naming file and line."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read revocation file {path}: {exc}") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 2:
+            raise ConfigError(f"{path}:{number}: expected `KEY [TIME]`, got {len(parts)} fields")
+        at = parse_time(parts[1], f"{path}:{number}") if len(parts) == 2 else None
+        entries.append((parts[0], at))
+    return entries
+
+
+def parse_time(value: str, where: str) -> datetime:
+    """ISO-8601 (a trailing Z allowed) as an aware UTC datetime; naive times are UTC."""
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not an ISO-8601 time (e.g. 2026-11-30T14:00:00Z)") from None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+
+
+def revoke_keys(store: Store, entries: list[tuple[str, datetime | None]], pepper: bytes, note: str | None = None) -> int:
+    """Put keys on the revocation list (an existing entry takes the new time). Returns how many."""
+    now = datetime.now(timezone.utc)
+    rows = {key_id_of(key, pepper): at for key, at in entries}
+    with store.engine.begin() as conn:
+        existing = {r[0] for r in conn.execute(sa.select(revoked_keys.c.key_id).where(revoked_keys.c.key_id.in_(list(rows))))}
+        for key_id, at in rows.items():
+            if key_id in existing:
+                conn.execute(revoked_keys.update().where(revoked_keys.c.key_id == key_id).values(revoked_at=at, note=note))
+            else:
+                conn.execute(revoked_keys.insert().values(key_id=key_id, revoked_at=at, added_at=now, note=note))
+    return len(rows)
+
+
+def load_revoked(store: Store) -> dict[str, datetime | None]:
+    """The revocation list: key fingerprint -> from when presenting it is a finding (None: always)."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(revoked_keys.c.key_id, revoked_keys.c.revoked_at)).all()
+    return {key: (_aware(at) if at is not None else None) for key, at in rows}
+
+
+def _aware(value: Any) -> datetime:
+    value = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def load_frame(store: Store, since: datetime, until: datetime) -> pd.DataFrame:
+    """Events with since <= ts <= until as the detectors' frame, sorted by (ts, event_id).
+
+    Columnar on both stores (Arrow from SQLite through ADBC, COPY from PostgreSQL): building a
+    Python row per event costs ten times what the whole detector pack does with the frame.
+    """
+    frame: pl.DataFrame | None = None
+    if store.dialect == "sqlite":
+        frame = _sqlite_frame(store, since, until)
+    elif store.dialect == "postgresql":
+        frame = _pg_frame(store, since, until)
+    if frame is None:
+        return store.load_events(since, until)
+    return _to_pandas(frame.sort(["ts", "event_id"]))
+
+
+_TEXT_COLUMNS = [c for c in DETECT_COLUMNS if EVENT_COLUMNS[c] == "str"]
+
+
+def _sqlite_frame(store: Store, since: datetime, until: datetime) -> pl.DataFrame | None:
+    path = store.engine.url.database
+    if not path or path == ":memory:":
+        return None
+    try:
+        import adbc_driver_sqlite.dbapi as adbc
+    except ImportError:  # the optional fast path; the SQLAlchemy one gives the same frame
+        return None
+    # ADBC types a column from its first rows: an all-null start would make a text column an
+    # integer one, so nulls travel as '' and negative durations and come back as nulls below.
+    select = ", ".join(
+        [f"coalesce({c}, '') AS {c}" if c in _TEXT_COLUMNS else c for c in DETECT_COLUMNS if c != "duration_ms"]
+        + ["coalesce(duration_ms, -1.0) AS duration_ms"]
+    )
+    fmt = "%Y-%m-%d %H:%M:%S.%f"
+    with adbc.connect(f"file:{path}?mode=ro") as conn, conn.cursor() as cur:
+        cur.execute(
+            f"SELECT {select} FROM events WHERE ts >= ? AND ts <= ?",
+            (_utc(since).strftime(fmt), _utc(until).strftime(fmt)),
+        )
+        frame = pl.from_arrow(cur.fetch_arrow_table())
+    return frame.with_columns(
+        *[pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in _TEXT_COLUMNS if c != "ts"],
+        pl.when(pl.col("duration_ms") < 0).then(None).otherwise(pl.col("duration_ms")).alias("duration_ms"),
+        pl.col("ts").str.slice(0, 26).str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", time_zone="UTC", strict=False),
+    )
+
+
+def _pg_frame(store: Store, since: datetime, until: datetime) -> pl.DataFrame | None:
+    import io
+
+    from psycopg import sql
+
+    cols = [sql.Identifier(c) for c in DETECT_COLUMNS if c != "ts"]
+    query = sql.SQL(
+        "COPY (SELECT (extract(epoch FROM ts) * 1000000)::bigint AS ts, {cols} FROM events "
+        "WHERE ts >= {lo} AND ts <= {hi}) TO STDOUT (FORMAT csv)"
+    ).format(cols=sql.SQL(", ").join(cols), lo=sql.Literal(_utc(since)), hi=sql.Literal(_utc(until)))
+    raw = store.read_engine.raw_connection()  # a replica when read_database_url is set
+    try:
+        buffer = io.BytesIO()
+        with raw.driver_connection.cursor() as cur, cur.copy(query) as copy:
+            for block in copy:
+                buffer.write(block)
+        raw.rollback()
+    finally:
+        raw.close()
+    names = ["ts", *[c for c in DETECT_COLUMNS if c != "ts"]]
+    schema = polars_schema()
+    dtypes = {name: (pl.Int64 if name == "ts" else schema[name]) for name in names}
+    if buffer.tell() == 0:
+        frame = pl.DataFrame(schema=dtypes)
+    else:
+        buffer.seek(0)
+        frame = pl.read_csv(buffer, has_header=False, new_columns=names, schema=dtypes)
+    return frame.with_columns(pl.from_epoch(pl.col("ts"), time_unit="us").dt.replace_time_zone("UTC"))
+
+
+def _to_pandas(frame: pl.DataFrame) -> pd.DataFrame:
+    dtypes = pandas_dtypes()
+    data = frame.drop("ts").to_pandas(use_pyarrow_extension_array=True)
+    columns = {name: data[name].astype(dtypes[name]) for name in DETECT_COLUMNS if name != "ts"}
+    # Through numpy: pandas converts an Arrow timestamp column one Python object at a time.
+    naive = frame["ts"].dt.replace_time_zone(None).to_numpy()
+    columns["ts"] = pd.Series(pd.DatetimeIndex(naive).tz_localize("UTC"), index=data.index).astype(dtypes["ts"])
+    columns["origin"] = pd.Series(pd.NA, index=data.index, dtype=dtypes["origin"])
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(data)))[list(EVENT_COLUMNS)]
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _pepper_if_needed(settings: Settings) -> bytes | None:
+    # A raw key in an allowlist needs the pepper; otherwise don't create a pepper file just to detect.
+    allow = settings.allowlist
+    own = any(params.get("allow_keys") for params in settings.detectors.values() if isinstance(params, dict))
+    return settings.resolved_pepper() if (allow.keys or own or settings.pepper) else None
+
+
+def build_pack(store: Store, settings: Settings, only: set[str] | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """The enabled detectors with the job's context (geo, revocation list, trained models) and the
+    allowlist each applies."""
+    from detectors.registry import DetectorContext, build_allowlists, build_detectors
+    from pipeline.geo import Geo
+
+    context = DetectorContext(geo=Geo.from_settings(settings), revoked=load_revoked(store))
+    detectors = build_detectors(settings.detectors, context)
+    if only is not None:
+        from detectors.registry import DETECTORS
+
+        unknown = sorted(set(only) - set(DETECTORS))
+        if unknown:
+            raise ConfigError(f"unknown detector(s) {', '.join(unknown)} (known: {', '.join(sorted(DETECTORS))})")
+        detectors = [d for d in detectors if d.name in only]
+    allowlists = build_allowlists(settings.allowlist, settings.detectors, _pepper_if_needed(settings))
+    attach_models(store, detectors)
+    return detectors, allowlists
+
+
+def attach_models(store: Store, detectors: list[Any]) -> list[str]:
+    """Give each model detector the state `mailwarden train` stored for it, when it was trained
+    with the same features, feature shape, quantile and scikit-learn version. Returns their names."""
+    import pickle
+
+    import sklearn
+
+    from detectors.models import IsolationForestDetector
+
+    models = [d for d in detectors if isinstance(d, IsolationForestDetector)]
+    if not models:
+        return []
+    with store.engine.connect() as conn:
+        rows = {r.name: r for r in conn.execute(sa.select(trained_models).where(trained_models.c.name.in_([d.name for d in models])))}
+    attached = []
+    for detector in models:
+        row = rows.get(detector.name)
+        if row is None:
+            continue
+        params = json.loads(row.params)
+        if (
+            row.sklearn_version != sklearn.__version__
+            or tuple(json.loads(row.features)) != tuple(detector.features)
+            or params.get("quantile") != detector.quantile
+            or {k: params.get(k) for k in detector.shape} != detector.shape
+        ):
+            log.warning("model %s was trained with other settings or scikit-learn %s: run `mailwarden train`",
+                        detector.name, row.sklearn_version)
+            continue
+        state = pickle.loads(row.state)  # our own table, written by train_once
+        # The margin is applied at load time, so changing it needs no retraining.
+        state.threshold = state.quantile_score + detector.margin
+        detector.model_ = state
+        attached.append(detector.name)
+    return attached
+
+
 def detect_range(
     store: Store,
     settings: Settings,
     since: datetime | None = None,
     until: datetime | None = None,
-    step: timedelta = timedelta(days=1),
+    step: timedelta = DETECT_STEP,
+    only: set[str] | None = None,
 ) -> DetectSummary:
     """Run every enabled detector over [since, until] (default: the stored range), in steps.
 
-    Time comes from the data, never the clock, so replays give the alerts a live run would have.
+    Each step ends at `now` = its end and gives each detector the step plus its own lookback, as a
+    live tick would. Time comes from the data, never the clock, so replays give the alerts a live
+    run would have. An alert found again (same detector, entity and window start) is updated, not
+    duplicated: an ongoing attack extends one alert. `only` restricts the run to those detectors.
     """
-    from detectors.registry import build_detectors
-
     started = time.perf_counter()
-    detectors = build_detectors(settings.detectors)
     stored = store.event_time_range()
     if stored is None:
         return DetectSummary(since, until)
     since = since or stored[0]
     until = until or stored[1]
     summary = DetectSummary(since, until)
+    detectors, allowlists = build_pack(store, settings, only)
     if not detectors or since > until:
         return summary
+    from detectors.features import micros
+    from detectors.registry import detect_allowed
+
     max_lookback = max(d.lookback for d in detectors)
     found: dict[str, Alert] = {}
-    for step_start, step_end in _steps(since, until, step):
-        frame = store.load_events(step_start - max_lookback, step_end)
-        in_step = frame["ts"].ge(step_start).sum()
-        summary.events += int(in_step)
+    for load_start, load_end in _steps(since, until, LOAD_SPAN):
+        loaded = time.perf_counter()
+        frame = load_frame(store, load_start - max_lookback, load_end)
+        summary.load_seconds += time.perf_counter() - loaded
         if frame.empty:
             continue
-        for detector in detectors:
-            # Each detector sees the step plus its own lookback before it.
-            window = frame[frame["ts"].ge(step_start - detector.lookback)].reset_index(drop=True)
-            for alert in detector.detect(window, step_end):
-                found[alert.alert_id] = alert
-    summary.alerts_found = len(found)
-    summary.by_detector.update(a.detector for a in found.values())
-    summary.alerts_new, summary.alerts_updated = store.upsert_alerts(list(found.values()))
+        stamps = micros(frame["ts"])
+        for step_start, step_end in _steps(load_start, load_end, step):
+            first = _position(stamps, step_start, "left")
+            last = _position(stamps, step_end, "right")
+            summary.events += last - first if step_start == load_start else last - _position(stamps, step_start, "right")
+            for detector in detectors:
+                # Each detector sees the step plus its own lookback before it.
+                window = frame.iloc[_position(stamps, step_start - detector.lookback, "left"):last]
+                ran = time.perf_counter()
+                for alert in detect_allowed(detector, window.reset_index(drop=True), step_end, allowlists.get(detector.name)):
+                    found[alert.alert_id] = alert
+                summary.seconds_by_detector[detector.name] += time.perf_counter() - ran
+    summary.alerts = merge_with_stored(store, merge_overlapping(list(found.values())))
+    summary.alerts_found = len(summary.alerts)
+    summary.by_detector.update(a.detector for a in summary.alerts)
+    summary.alerts_new, summary.alerts_updated = store.upsert_alerts(summary.alerts)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _same_episode_key(alert: Alert) -> tuple[str, str, str]:
+    return alert.detector, str(alert.entity_kind), alert.entity
+
+
+def _joined(first: Alert, second: Alert) -> Alert:
+    """One alert for two overlapping findings about the same entity: the earliest start (the id),
+    the latest end, the highest score, and the text of the finding that saw more."""
+    newer = second if second.window_end >= first.window_end else first
+    return dataclasses.replace(
+        newer,
+        window_start=min(first.window_start, second.window_start),
+        window_end=max(first.window_end, second.window_end),
+        score=max(first.score, second.score),
+        severity=max(first.severity, second.severity),
+    )
+
+
+def merge_overlapping(alerts: list[Alert]) -> list[Alert]:
+    """Alerts of one detector about one entity whose windows overlap become one.
+
+    A detector reports an episode from what its frame shows; a run that sees an ongoing attack from
+    part-way through may place its start later than the run that saw it begin. Joining overlapping
+    windows keeps one alert per attack, whichever runs saw it.
+    """
+    merged: list[Alert] = []
+    for alert in sorted(alerts, key=lambda a: (*_same_episode_key(a), a.window_start, a.window_end)):
+        last = merged[-1] if merged else None
+        if last is not None and _same_episode_key(last) == _same_episode_key(alert) and alert.window_start <= last.window_end:
+            merged[-1] = _joined(last, alert)
+        else:
+            merged.append(alert)
+    return sorted(merged, key=lambda a: (a.window_start, a.detector, a.entity))
+
+
+def merge_with_stored(store: Store, found: list[Alert]) -> list[Alert]:
+    """Extend stored alerts instead of adding overlapping ones: a finding that overlaps a stored
+    alert of the same detector and entity takes its start (so its id, and its status), or, when it
+    starts earlier, replaces it (the stored row is removed, its status carried over)."""
+    from pipeline.store import alerts as alerts_table
+
+    if not found:
+        return found
+    lo = min(a.window_start for a in found)
+    hi = max(a.window_end for a in found)
+    query = sa.select(alerts_table).where(
+        alerts_table.c.detector.in_(sorted({a.detector for a in found})),
+        alerts_table.c.window_end >= lo,
+        alerts_table.c.window_start <= hi,
+    )
+    with store.engine.connect() as conn:
+        stored = [dict(r._mapping) for r in conn.execute(query)]
+    by_key: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in stored:
+        row["window_start"], row["window_end"] = _aware(row["window_start"]), _aware(row["window_end"])
+        by_key.setdefault((row["detector"], row["entity_kind"], row["entity"]), []).append(row)
+    result, stale = [], []
+    for alert in found:
+        for row in by_key.get(_same_episode_key(alert), []):
+            if row["window_start"] <= alert.window_end and alert.window_start <= row["window_end"]:
+                old = Alert(
+                    detector=row["detector"], severity=Severity(row["severity"]), entity_kind=alert.entity_kind,
+                    entity=row["entity"], window_start=row["window_start"], window_end=row["window_end"],
+                    score=row["score"], title=row["title"], evidence={}, mitre=row["mitre"],
+                )
+                joined = _joined(old, alert)
+                alert = dataclasses.replace(joined, title=alert.title, evidence=alert.evidence,
+                                            status=AlertStatus(row["status"]))
+                if joined.alert_id != row["alert_id"]:
+                    stale.append(row["alert_id"])
+        result.append(alert)
+    if stale:
+        with store.engine.begin() as conn:
+            conn.execute(alerts_table.delete().where(alerts_table.c.alert_id.in_(stale)))
+    return result
+
+
+def _position(stamps: Any, at: datetime, side: str) -> int:
+    import numpy as np
+
+    at_us = (_utc(at) - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    return int(np.searchsorted(stamps, at_us, side))
 
 
 def detect_once(store: Store, settings: Settings, now: datetime | None = None) -> DetectSummary:
@@ -435,8 +833,90 @@ def detect_once(store: Store, settings: Settings, now: datetime | None = None) -
     return summary
 
 
+@dataclass
+class TrainResult:
+    name: str
+    rows: int
+    trained_from: str | None
+    trained_to: str | None
+    excluded_alerts: int
+    threshold: float | None
+    seconds: float
+
+
+def train_once(
+    store: Store,
+    settings: Settings,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    days: float = 14.0,
+) -> list[TrainResult]:
+    """Fit every enabled model detector on [since, until] (default: the last `days` stored) and
+    store it with its feature list and scikit-learn version.
+
+    The windows already alerted on (any detector, any status but resolved-as-normal is not
+    distinguished) are left out, so an attack seen before is not learned as normal.
+    """
+    import pickle
+
+    import sklearn
+
+    from detectors.models import IsolationForestDetector
+    from detectors.registry import DetectorContext, build_detectors
+    from pipeline.geo import Geo
+
+    stored = store.event_time_range()
+    if stored is None:
+        return []
+    until = until or stored[1]
+    since = since or max(stored[0], until - timedelta(days=days))
+    models = [d for d in build_detectors(settings.detectors, DetectorContext(geo=Geo.from_settings(settings)))
+              if isinstance(d, IsolationForestDetector)]
+    if not models:
+        return []
+    frame = load_frame(store, since, until)
+    exclude = [
+        (row["entity"], (row["window_start"], row["window_end"]))
+        for row in store.list_alerts(limit=1_000_000)
+        if row["window_end"] >= since and row["window_start"] <= until
+    ]
+    results = []
+    now = datetime.now(timezone.utc)
+    for model in models:
+        started = time.perf_counter()
+        model.fit(frame, exclude=exclude)
+        state = model.model_
+        if state is not None:
+            row = {
+                "name": model.name,
+                "features": json.dumps(list(state.features)),
+                "params": json.dumps({**model.params(), **model.shape}, sort_keys=True),
+                "sklearn_version": sklearn.__version__,
+                "rows": state.rows,
+                "trained_from": _aware(state.trained_from) if state.trained_from else None,
+                "trained_to": _aware(state.trained_to) if state.trained_to else None,
+                "trained_at": now,
+                "state": pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL),
+            }
+            with store.engine.begin() as conn:
+                conn.execute(trained_models.delete().where(trained_models.c.name == model.name))
+                conn.execute(trained_models.insert().values(**row))
+        results.append(
+            TrainResult(
+                model.name, state.rows if state else 0, state.trained_from if state else None,
+                state.trained_to if state else None, len(exclude),
+                state.threshold if state else None, time.perf_counter() - started,
+            )
+        )
+    return results
+
+
 __all__ = [
     "detect_once",
+    "train_once",
+    "load_frame",
+    "revoke_keys",
+    "load_revoked",
     "IngestSummary",
     "DetectSummary",
     "ingest_paths",

@@ -140,8 +140,7 @@ def report(
     """Write a self-contained HTML report (figures, alerts, posture) that opens offline, anywhere."""
     from api.frames import LOADERS, FrameReader, Span
     from dashboards import static
-    from dashboards.figures import OVERVIEW
-    from dashboards.report import ReportInput, build_figures, render_report
+    from dashboards.report import REPORT_FIGURES, ReportInput, build_figures, render_report
 
     settings = load_settings(**({"database_url": database_url} if database_url else {}))
     start, end = _time(since, "since"), _time(until, "until")
@@ -166,7 +165,7 @@ def report(
             raise MailwardenError("--since is after --until")
         reader = FrameReader(store)
         span = Span(start, end)
-        inputs = {name: LOADERS[name](reader, span) for name in OVERVIEW}
+        inputs = {name: LOADERS[name](reader, span) for name in REPORT_FIGURES}
         data = ReportInput(
             since=start,
             until=end,

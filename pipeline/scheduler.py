@@ -6,15 +6,42 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from pipeline.config import Settings
 from pipeline.jobs import detect_once, follow_paths
+from pipeline.leader import Leadership
+from pipeline.partitions import maintain
 from pipeline.store import Store
 
 log = logging.getLogger(__name__)
+
+TRAIN_WATERMARK = "train"
+
+
+def train_due(store: Store, settings: Settings, force: bool = False) -> dict[str, Any] | None:
+    """Fit and store the model detectors (pipeline.jobs.train_once) when the data has moved
+    `train_hours` past the `train` watermark, or when `force`. Returns the training results by
+    detector name, or None when not due.
+
+    The watermark is data time, like detect's: a service that was down for days trains at its first
+    tick after restart (catch-up), and a replay of old logs trains on them, not on the wall clock.
+    """
+    from pipeline.jobs import train_once
+
+    stored = store.event_time_range()
+    if stored is None:
+        return None
+    until = stored[1]
+    last = store.get_watermark(TRAIN_WATERMARK)
+    if not force and last is not None and until - last < timedelta(hours=settings.schedule.train_hours):
+        return None
+    results = {r.name: r for r in train_once(store, settings, until=until)}
+    store.set_watermark(TRAIN_WATERMARK, until)
+    return results
 
 
 class Service:
@@ -36,6 +63,10 @@ class Service:
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
         )
         self._routes = None
+        # What the last train tick fitted (pipeline.jobs.TrainResult by detector name).
+        self.models: dict[str, Any] = {}
+        # Several `run` processes may share one PostgreSQL: each job runs only where its lock is held.
+        self.leader = Leadership(store.engine)
 
     # ---- jobs ------------------------------------------------------------------------------
     def detect_job(self) -> None:
@@ -60,6 +91,32 @@ class Service:
         except Exception:
             log.exception("notify job failed")
 
+    def train_job(self) -> None:
+        try:
+            results = train_due(self.store, self.settings)
+        except Exception:
+            log.exception("train job failed")
+            return
+        if results is not None:
+            self.models = results
+            trained = sorted(name for name, r in results.items() if r.trained_to is not None)
+            log.info("train: fitted %s", ", ".join(trained) or "nothing (too little history)")
+
+    def maintenance_job(self) -> None:
+        try:
+            maintain(self.store.engine, datetime.now(timezone.utc), self.settings.partition_days_ahead,
+                     self.settings.retention_days)
+        except Exception:
+            log.exception("maintenance job failed")
+
+    def _led(self, job: str, func: Callable[[], None]) -> Callable[[], None]:
+        def tick() -> None:
+            with self.leader.run(job) as mine:
+                if mine:
+                    func()
+
+        return tick
+
     def routes(self):
         if self._routes is None:
             from pipeline.notify import load_routes
@@ -70,6 +127,11 @@ class Service:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.routes()  # a bad route is a ConfigError at start-up, not at the first alert
+        # Likewise a bad detector table; building them also pays the imports (pandas, scikit-learn)
+        # here instead of in the first detect tick, so the first alert is as quick as the later ones.
+        from detectors.registry import build_detectors
+
+        build_detectors(self.settings.detectors)
         for source in self.settings.sources:
             thread = threading.Thread(
                 target=follow_paths,
@@ -81,14 +143,23 @@ class Service:
             self._followers.append(thread)
         sched = self.settings.schedule
         first = datetime.now(timezone.utc) + timedelta(seconds=min(sched.detect_seconds, 5))
-        self.scheduler.add_job(self.detect_job, IntervalTrigger(seconds=sched.detect_seconds), id="detect",
-                               next_run_time=first)
-        self.scheduler.add_job(self.notify_job, IntervalTrigger(seconds=sched.notify_seconds), id="notify")
+        self.scheduler.add_job(self._led("detect", self.detect_job), IntervalTrigger(seconds=sched.detect_seconds),
+                               id="detect", next_run_time=first)
+        self.scheduler.add_job(self._led("notify", self.notify_job), IntervalTrigger(seconds=sched.notify_seconds),
+                               id="notify")
+        # Daily (train_hours), and once right at start: the job itself checks the watermark, so after
+        # downtime it catches up at once and otherwise does nothing until a period of data is in.
+        self.scheduler.add_job(self._led("train", self.train_job), IntervalTrigger(hours=sched.train_hours),
+                               id="train", next_run_time=datetime.now(timezone.utc))
+        self.scheduler.add_job(self._led("maintenance", self.maintenance_job),
+                               IntervalTrigger(seconds=sched.maintenance_seconds), id="maintenance",
+                               next_run_time=datetime.now(timezone.utc))
         self.scheduler.start()
         log.info("service started: %d sources, detect every %ss", len(self.settings.sources), sched.detect_seconds)
 
     def stop(self) -> None:
         self.stop_event.set()
         self.scheduler.shutdown(wait=True)
+        self.leader.release_all()
         for thread in self._followers:
             thread.join(10)

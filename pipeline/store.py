@@ -133,6 +133,16 @@ class Checkpoint:
 
 
 @dataclass
+class EncodedEvents:
+    """A batch of events in the form the store's bulk path sends (see Store.encode_events)."""
+
+    height: int
+    names: list[str]
+    columns: list[list[Any]]
+    csv: bytes = b""
+
+
+@dataclass
 class WriteResult:
     inserted: int
     duplicates: int
@@ -167,7 +177,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # NORMAL in WAL mode survives process crashes (not power loss): the trade-off SQLite documents.
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=60000")
-    cur.execute("PRAGMA cache_size=-262144")  # 256 MiB: index pages of a big batch stay in memory
+    # 64 MiB per connection (the ingest writer and the reader each have one): the entity-index
+    # pages a batch touches stay in memory, while a bulk load (those indexes dropped) stays small.
+    cur.execute("PRAGMA cache_size=-65536")
     cur.execute("PRAGMA temp_store=MEMORY")
     cur.close()
 
@@ -182,13 +194,15 @@ def redact_url(url: str) -> str:
 class Store:
     """All database access of the pipeline goes through here."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, read_engine: Engine | None = None):
         self.engine = engine
         self.dialect = engine.dialect.name
+        # Event reads (detector windows, API searches and stats) may go to a replica; writes never do.
+        self.read_engine = read_engine or engine
 
     @classmethod
-    def open(cls, url: str, upgrade: bool = True) -> Store:
-        store = cls(make_engine(url))
+    def open(cls, url: str, upgrade: bool = True, read_url: str | None = None) -> Store:
+        store = cls(make_engine(url), make_engine(read_url) if read_url else None)
         if upgrade:
             store.upgrade()
         return store
@@ -198,11 +212,15 @@ class Store:
 
         try:
             upgrade_to_head(self.engine)
+            # A bulk load killed before its end leaves its indexes to be built here.
+            self.ensure_indexes()
         except sa.exc.OperationalError as exc:
             raise StoreError(f"cannot open store {redact_url(str(self.engine.url))}: {_first_line(exc)}") from None
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def get_checkpoint(self, source_key: str) -> Checkpoint | None:
@@ -216,21 +234,54 @@ class Store:
         )
 
     # ---- bulk writes -------------------------------------------------------------------------
+    def encode_events(self, frame: pl.DataFrame) -> EncodedEvents:
+        """Turn an events frame into what this store's bulk path sends (no database access).
+
+        The ingest job calls this on its parsing thread, so the writer thread only writes.
+        SQLite: one Python list per column that has a value (all-null columns are left to their
+        default), zipped lazily into rows for executemany. PostgreSQL: the batch as CSV text made
+        by polars, sent as it is through COPY: no Python object per row or value.
+        """
+        frame = frame.select(list(EVENT_COLUMNS))
+        if frame.height == 0:
+            return EncodedEvents(0, [], [])
+        # PostgreSQL text cannot hold NUL: both stores keep the escape the parsers use for bytes that
+        # are not text, so the same line reads back the same from either.
+        texts = [c for c, kind in EVENT_COLUMNS.items() if kind == "str"]
+        with_nul = [c for c in texts if frame[c].str.contains("\x00", literal=True).any()]
+        if with_nul:
+            frame = frame.with_columns(pl.col(with_nul).str.replace_all("\x00", "\\x00", literal=True))
+        if self.dialect == "postgresql":
+            csv = frame.write_csv(include_header=False, datetime_format="%Y-%m-%d %H:%M:%S%.6f%z", null_value="")
+            return EncodedEvents(frame.height, list(EVENT_COLUMNS), [], csv.encode())
+        names: list[str] = []
+        columns: list[list[Any]] = []
+        for name in EVENT_COLUMNS:
+            series = frame[name]
+            if series.null_count() == frame.height:
+                continue
+            if name == "ts":
+                # SQLAlchemy's SQLite DateTime format, so Core queries read what the fast path wrote.
+                series = series.dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%d %H:%M:%S.%6f")
+            names.append(name)
+            columns.append(series.to_list())
+        return EncodedEvents(frame.height, names, columns)
+
     def write_batch(
         self,
-        frame: pl.DataFrame,
+        frame: pl.DataFrame | EncodedEvents,
         quarantined: Sequence[dict[str, Any]],
         checkpoint: Checkpoint | None,
     ) -> WriteResult:
         """Insert events (ignoring ids already stored), quarantine rows and the checkpoint, atomically."""
-        frame = frame.select(list(EVENT_COLUMNS))
+        encoded = frame if isinstance(frame, EncodedEvents) else self.encode_events(frame)
         now = datetime.now(timezone.utc)
         raw = self.engine.raw_connection()
         try:
             if self.dialect == "sqlite":
-                inserted = self._sqlite_events(raw, frame)
+                inserted = self._sqlite_events(raw, encoded)
             elif self.dialect == "postgresql":
-                inserted = self._pg_events(raw, frame)
+                inserted = self._pg_events(raw, encoded)
             else:
                 raise StoreError(f"unsupported database dialect {self.dialect}")
             n_quarantined = self._write_quarantine(raw, quarantined, now)
@@ -244,37 +295,114 @@ class Store:
             raise StoreError(f"writing a batch failed: {_first_line(exc)}") from exc
         finally:
             raw.close()
-        return WriteResult(inserted, frame.height - inserted, n_quarantined)
+        return WriteResult(inserted, encoded.height - inserted, n_quarantined)
 
-    def _sqlite_events(self, raw: Any, frame: pl.DataFrame) -> int:
-        if frame.height == 0:
+    def _sqlite_events(self, raw: Any, encoded: EncodedEvents) -> int:
+        if encoded.height == 0:
             return 0
-        # SQLAlchemy's SQLite DateTime format, so Core queries read what the fast path wrote.
-        rows = frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC").dt.strftime("%Y-%m-%d %H:%M:%S.%6f")).rows()
-        cols = ", ".join(EVENT_COLUMNS)
-        marks = ", ".join("?" for _ in EVENT_COLUMNS)
+        cols = ", ".join(encoded.names)
+        marks = ", ".join("?" for _ in encoded.names)
         cur = raw.cursor()
         before = raw.total_changes
-        cur.executemany(f"INSERT OR IGNORE INTO events ({cols}) VALUES ({marks})", rows)
+        # Row tuples are zipped on the fly: no list of a batch's rows is ever built.
+        cur.executemany(f"INSERT OR IGNORE INTO events ({cols}) VALUES ({marks})", zip(*encoded.columns))
         inserted = raw.total_changes - before
         cur.close()
         return inserted
 
-    def _pg_events(self, raw: Any, frame: pl.DataFrame) -> int:
-        if frame.height == 0:
+    # ---- bulk loads ----------------------------------------------------------------------------
+    def secondary_event_indexes(self) -> list[sa.Index]:
+        """The events indexes a bulk load builds once at its end: those keyed by entity.
+
+        The time index stays: events arrive roughly in time order, so its inserts are appends.
+        """
+        return sorted((ix for ix in events.indexes if ix.name != "ix_events_ts"), key=lambda ix: ix.name)
+
+    def has_at_least(self, rows: int) -> bool:
+        """Whether `events` holds `rows` events or more, without counting further than that."""
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                # The largest rowid bounds the count from above: one B-tree descent.
+                top = conn.execute(sa.text("SELECT coalesce(max(rowid), 0) FROM events")).scalar_one()
+                return int(top) >= rows
+            found = conn.execute(sa.text("SELECT count(*) FROM (SELECT 1 FROM events LIMIT :n) AS s"), {"n": rows})
+            return int(found.scalar_one()) >= rows
+
+    def drop_secondary_indexes(self) -> None:
+        """Drop the entity indexes of events for a bulk load; `ensure_indexes` builds them back.
+
+        Inserting into indexes keyed by IP, account and key touches a random page of each per
+        row, and every commit writes those pages to the log again (SQLite's WAL; PostgreSQL's
+        full-page images): more than half the cost of a big load. Building them once after the
+        load is a sort. Events, ids and checkpoints are untouched, so exactly-once holds; a load
+        killed half way leaves the indexes to the next `Store.open` (or ingest), which builds any
+        that are missing. Meanwhile queries by entity are slower, never wrong.
+        """
+        with self.engine.begin() as conn:
+            for ix in self.secondary_event_indexes():
+                conn.execute(sa.text(f"DROP INDEX IF EXISTS {ix.name}"))
+
+    def ensure_indexes(self) -> None:
+        """Create any event index that a bulk load dropped (a no-op when all are there)."""
+        wanted = self.secondary_event_indexes()
+        with self.engine.begin() as conn:
+            # Looked up first: CREATE INDEX IF NOT EXISTS would still wait for running writers.
+            if self.dialect == "sqlite":
+                present = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            else:
+                present = {r[0] for r in conn.exec_driver_sql(
+                    "SELECT indexname FROM pg_indexes WHERE tablename = 'events' AND schemaname = current_schema()"
+                )}
+            missing = [ix for ix in wanted if ix.name not in present]
+            if not missing:
+                return
+            if self.dialect == "sqlite":
+                # A helper thread sorts; the sort spills to a temporary file rather than memory, so
+                # building over 10 million events keeps memory flat.
+                conn.exec_driver_sql("PRAGMA threads=2")
+                conn.exec_driver_sql("PRAGMA temp_store=FILE")
+            else:
+                conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
+            try:
+                for ix in missing:
+                    conn.execute(sa.schema.CreateIndex(ix, if_not_exists=True))
+            finally:
+                if self.dialect == "sqlite":
+                    conn.exec_driver_sql("PRAGMA temp_store=MEMORY")
+
+    def _pg_events(self, raw: Any, encoded: EncodedEvents) -> int:
+        if encoded.height == 0:
             return 0
+        import psycopg
+
         conn = raw.driver_connection
         cols = ", ".join(EVENT_COLUMNS)
         with conn.cursor() as cur:
+            # Exactly-once rests on the checkpoint committing with its events, not on this flush:
+            # a commit lost in a server crash takes its checkpoint with it and the lines are read
+            # again (the same trade-off as SQLite's synchronous=NORMAL in WAL mode).
+            cur.execute("SET LOCAL synchronous_commit = off")
+            # Fast path: COPY straight into events. Lines past a checkpoint are new, so a
+            # duplicate id is rare (a replayed stdin or push); then the batch goes the slow way,
+            # through a staging table and ON CONFLICT DO NOTHING.
+            cur.execute("SAVEPOINT mw_events_copy")
+            try:
+                # CSV: an unquoted empty field is NULL, a quoted one ("") the empty string.
+                with cur.copy(f"COPY events ({cols}) FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(encoded.csv)
+                cur.execute("RELEASE SAVEPOINT mw_events_copy")
+                return encoded.height
+            except psycopg.errors.UniqueViolation:
+                cur.execute("ROLLBACK TO SAVEPOINT mw_events_copy")
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS events_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            with cur.copy(f"COPY events_staging ({cols}) FROM STDIN") as copy:
-                for row in frame.iter_rows():
-                    copy.write_row(row)
+            with cur.copy(f"COPY events_staging ({cols}) FROM STDIN (FORMAT csv)") as copy:
+                copy.write(encoded.csv)
             cur.execute(
                 f"INSERT INTO events ({cols}) SELECT DISTINCT ON (event_id) {cols} FROM events_staging "
-                "ON CONFLICT (event_id) DO NOTHING"
+                # No conflict target: on the day-partitioned table the key is (event_id, ts).
+                "ON CONFLICT DO NOTHING"
             )
             inserted = cur.rowcount
         return inserted
@@ -340,7 +468,7 @@ class Store:
             return conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
 
     def event_time_range(self) -> tuple[datetime, datetime] | None:
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             lo, hi = conn.execute(sa.select(sa.func.min(events.c.ts), sa.func.max(events.c.ts))).one()
         if lo is None:
             return None
@@ -354,7 +482,7 @@ class Store:
             .where(events.c.ts >= _utc(since), events.c.ts <= _utc(until))
             .order_by(events.c.ts, events.c.event_id)
         )
-        with self.engine.connect() as conn:
+        with self.read_engine.connect() as conn:
             result = conn.execute(query)
             frame = pd.DataFrame(result.fetchall(), columns=cols)
         return to_event_frame(frame, cols)

@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 
 from api.auth import Scope
 from api.deps import StoreDep, require
+from api.frames import FrameReader
 from dashboards import static
 from dashboards.figures import OVERVIEW
 
@@ -90,7 +91,7 @@ def static_file(name: str, request: Request) -> Response:
 @router.get("/dashboard/range", dependencies=[Depends(require(Scope.EVENTS_READ))], tags=["dashboard"])
 def stored_range(store: StoreDep) -> dict[str, str | None]:
     """The first and last stored event times (UTC): the dashboard's ranges are relative to the last."""
-    stored = store.event_time_range()
+    stored = FrameReader(store).stored_range()
     if stored is None:
         return {"first": None, "last": None}
     return {"first": stored[0].isoformat(), "last": stored[1].isoformat()}

@@ -6,15 +6,16 @@ from datetime import datetime, timezone
 
 from fastapi import APIRouter, Response
 
-from api.deps import PrincipalDep, StateDep
+from api.deps import MetricsReader, StateDep
 from api.metrics import CONTENT_TYPE, gauge
 
-# Any valid key may scrape: the numbers hold no event data, and Prometheus only needs a bearer token.
+# A scope of its own: the numbers hold no event data, so Prometheus gets a key (sent as a bearer
+# token) that opens nothing else.
 router = APIRouter(prefix="/metrics", tags=["metrics"])
 
 
 @router.get("", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
-def metrics(state: StateDep, _: PrincipalDep) -> Response:
+def metrics(state: StateDep, _: MetricsReader) -> Response:
     queries = state.queries
     latest = queries.latest_event_time()
     active = queries.list_silences(datetime.now(timezone.utc))

@@ -4,6 +4,7 @@
 
 (function () {
   const KEY_SLOT = "mailwarden.apiKey";
+  const RANGE_SLOT = "mailwarden.range";  // the range preset, kept for the tab like the key
   const REFRESH_MS = 60000;
   const ZONE = (Intl.DateTimeFormat().resolvedOptions().timeZone) || "UTC";
   const PLOT_CONFIG = {
@@ -12,6 +13,13 @@
     modeBarButtonsToRemove: ["select2d", "lasso2d"],
     toImageButtonOptions: { format: "png", scale: 2 },
   };
+  // plotly.js (4.8 MB) loads after this script: the data is fetched meanwhile, drawn once it is here.
+  const plotlyReady = new Promise((resolve, reject) => {
+    if (window.Plotly) { resolve(); return; }
+    const tag = document.getElementById("plotly-js");
+    tag.addEventListener("load", () => resolve());
+    tag.addEventListener("error", () => reject(new Error("plotly.js did not load")));
+  });
   const view = document.getElementById("view");
   const FIGURES = (view.dataset.figures || "").split(",").filter(Boolean);
   const WIDE = new Set(["requests_over_time", "alert_timeline", "countries_map"]);
@@ -188,7 +196,9 @@
   }
 
   function onPreset() {
-    const custom = document.getElementById("range-preset").value === "custom";
+    const preset = document.getElementById("range-preset").value;
+    sessionStorage.setItem(RANGE_SLOT, preset);
+    const custom = preset === "custom";
     document.getElementById("custom-range").classList.toggle("shown", custom);
     if (custom && state.range) {
       document.getElementById("range-since").value = toInput(state.range.since);
@@ -213,6 +223,7 @@
     div.dataset.state = "loading";
     try {
       const figure = await api(url);
+      await plotlyReady;
       await Plotly.react(div, figure.data, figure.layout, PLOT_CONFIG);
       const empty = Boolean(figure.layout && figure.layout.meta && figure.layout.meta.empty);
       div.dataset.points = String(countPoints(figure));
@@ -221,7 +232,7 @@
     } catch (error) {
       if (error instanceof AuthError) throw error;
       div.dataset.state = "failed";
-      Plotly.purge(div);
+      if (window.Plotly) Plotly.purge(div);
       div.replaceChildren(h("div", { class: "failed" }, `Could not draw this figure: ${error.message}`));
     }
   }
@@ -433,6 +444,26 @@
     }
   }
 
+  // ---- the model's view ------------------------------------------------------------------------
+
+  /* The isolation forest's scores of the range's IP windows: fitted on demand (it takes seconds on a
+     big store), so it has its own page instead of slowing the overview down. */
+  async function loadModel() {
+    let plot = document.getElementById("fig-score_distribution");
+    if (!plot) {
+      plot = h("div", { class: "figure wide", id: "fig-score_distribution", dataset: { figure: "score_distribution" } });
+      view.replaceChildren(
+        h("p", {}, h("a", { href: "#/" }, "← overview")),
+        h("section", { class: "panel", id: "model-page" },
+          h("h2", {}, "Isolation forest (iforest_ip)"),
+          h("p", {}, "Every IP's 10-minute window at the end of the range, scored by a forest fitted on those " +
+            "windows (higher is worse). The dashed line is the detector's threshold; windows of addresses " +
+            "an alert named at the time are drawn in red.")),
+        h("section", { class: "grid" }, plot));
+    }
+    await drawFigure(plot, `/plots/score_distribution?${params({ tz: ZONE })}`);
+  }
+
   // ---- routing and refresh ---------------------------------------------------------------------
 
   function currentAlertId() {
@@ -449,6 +480,7 @@
       computeRange();
       const alertId = currentAlertId();
       if (alertId) await loadAlert(alertId);
+      else if (location.hash === "#/model") await loadModel();
       else if (!state.stored.first) view.replaceChildren(h("section", { class: "panel" },
         h("h2", {}, "No events stored yet"), h("p", {}, "Ingest logs with `mailwarden ingest`, then refresh.")));
       else await loadOverview();
@@ -480,11 +512,15 @@
   }
 
   function onRoute() {
-    if (!currentAlertId()) view.replaceChildren();  // the overview is rebuilt on the way back
+    // Each page builds its own elements; the overview is rebuilt on the way back.
+    view.replaceChildren();
     refresh();
   }
 
   function start() {
+    const select = document.getElementById("range-preset");
+    const kept = sessionStorage.getItem(RANGE_SLOT);
+    if (kept && kept !== "custom" && [...select.options].some((o) => o.value === kept)) select.value = kept;
     document.getElementById("zone-note").textContent = `times in UTC · your zone ${ZONE} (${offsetText()})`;
     document.getElementById("key-form").addEventListener("submit", submitKey);
     document.getElementById("range-preset").addEventListener("change", onPreset);

@@ -13,7 +13,11 @@ It runs in one of two modes:
   reaches back over its training period and the history of its first training row.
 
 Both modes flag a bucket when its score reaches the threshold and it has at least `min_requests`
-events. Hot buckets of one entity less than three buckets apart make one episode, one alert.
+events. Hot buckets of one entity less than three buckets apart make one episode, one alert, once
+the episode has `min_hot_buckets` hot buckets.
+
+Self-fitting costs a forest per block, so the detect job only does it when `self_fit` is true;
+otherwise an untrained model stays quiet until `mailwarden train` has stored one.
 """
 
 from __future__ import annotations
@@ -175,6 +179,8 @@ class IsolationForestDetector(Detector):
     trees: int = 100
     max_samples: int = 256
     seed: int = 0
+    min_hot_buckets: int = 1
+    self_fit: bool = False
 
     def __post_init__(self) -> None:
         # Learned state (not a parameter, so not a dataclass field): set by `fit` or models_store.
@@ -201,6 +207,9 @@ class IsolationForestDetector(Detector):
             raise ValueError(f"margin: expected a number >= 0, got {self.margin!r}")
         self.quantile, self.margin = float(self.quantile), float(self.margin)
         self.min_requests = positive_int(self.min_requests, "min_requests")
+        self.min_hot_buckets = positive_int(self.min_hot_buckets, "min_hot_buckets")
+        if not isinstance(self.self_fit, bool):
+            raise ValueError(f"self_fit: expected true or false, got {self.self_fit!r}")
         self.trees = positive_int(self.trees, "trees")
         self.max_samples = positive_int(self.max_samples, "max_samples")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -233,7 +242,7 @@ class IsolationForestDetector(Detector):
         out: dict[str, Any] = {}
         for name in ("bucket", "history", "training", "block"):
             out[f"{name}_seconds"] = int(getattr(self, name).total_seconds())
-        for name in ("quantile", "margin", "min_requests", "trees", "max_samples", "seed"):
+        for name in ("quantile", "margin", "min_requests", "trees", "max_samples", "seed", "min_hot_buckets"):
             out[name] = getattr(self, name)
         return out
 
@@ -295,7 +304,7 @@ class IsolationForestDetector(Detector):
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
-        if events.empty:
+        if events.empty or (self.model_ is None and not self.self_fit):
             return []
         windows = self.windows(events, times)
         table = windows.table
@@ -387,6 +396,10 @@ class IsolationForestDetector(Detector):
             # episode may have begun there, so only a run that saw that bucket may report it (with
             # the start, and so the alert id, every run agrees on).
             if (first_bucket - MERGE_BUCKETS) * bucket < first_scorable:
+                continue
+            # One odd bucket of a busy customer is everyday noise; a taken-over credential stays odd.
+            # Later runs see the episode grow and report it with the same first bucket (same id).
+            if len(members) < self.min_hot_buckets:
                 continue
             ratio = score[members] / threshold[members]
             peak = members[int(np.argmax(ratio))]

@@ -45,6 +45,16 @@ def check_lookback(window: timedelta, lookback: timedelta, field: str = "window"
         raise ValueError(f"{field}: at most half the lookback ({human(lookback)}), got {human(window)}")
 
 
+def check_confirmable(window: timedelta, lookback: timedelta, field: str = "window") -> None:
+    # An episode is confirmed with two windows of history before its first hot event (features.
+    # episodes, known_us), and a replay step adds a day: both must fit in the lookback.
+    if window * 2 + REPLAY_STEP > lookback:
+        raise ValueError(
+            f"{field}: at most {human((lookback - REPLAY_STEP) / 2)} (two windows and a day must fit the "
+            f"{human(lookback)} lookback), got {human(window)}"
+        )
+
+
 def human(duration: timedelta) -> str:
     """"5 min", "1 h", "90 s": durations the way titles say them."""
     seconds = int(duration.total_seconds())

@@ -26,7 +26,9 @@ from detectors.rules import (
     as_timedelta,
     bucket_ceil,
     bucket_floor,
+    check_confirmable,
     check_lookback,
+    known_from,
     human,
     iso,
     positive_int,
@@ -66,7 +68,7 @@ class AuthBruteforce(Detector):
 
     name: ClassVar[str] = "auth_bruteforce"
     severity: ClassVar[Severity] = Severity.HIGH
-    lookback: ClassVar[timedelta] = timedelta(hours=1)
+    lookback: ClassVar[timedelta] = timedelta(hours=25)
     mitre: ClassVar[str] = "T1110.001"
 
     threshold: int = 20
@@ -76,9 +78,11 @@ class AuthBruteforce(Detector):
         self.threshold = positive_int(self.threshold, "threshold")
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
+        check_confirmable(self.window, self.lookback)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
+        known_us = known_from(times, now, self.lookback)  # before any filtering of the frame
         if events.empty:
             return []
         failed = as_mask(events["outcome"].eq(Outcome.AUTH_FAILED))
@@ -89,7 +93,7 @@ class AuthBruteforce(Detector):
         space = KeySpace.covering(times, len(ips), window_us)
         failures = Timeline.build(ip_codes, times, failed, space)
         counts = failures.trailing_count(window_us)
-        found = episodes(failures, counts, counts >= self.threshold, window_us)
+        found = episodes(failures, counts, counts >= self.threshold, window_us, known_us)
         if found.empty:
             return []
 

@@ -25,7 +25,9 @@ from detectors.rules import (
     as_timedelta,
     bucket_ceil,
     bucket_floor,
+    check_confirmable,
     check_lookback,
+    known_from,
     human,
     iso,
     positive_int,
@@ -64,7 +66,7 @@ class CredentialStuffing(Detector):
 
     name: ClassVar[str] = "credential_stuffing"
     severity: ClassVar[Severity] = Severity.HIGH
-    lookback: ClassVar[timedelta] = timedelta(hours=2)
+    lookback: ClassVar[timedelta] = timedelta(hours=26)
     mitre: ClassVar[str] = "T1110.004"
 
     min_distinct: int = 10
@@ -75,6 +77,7 @@ class CredentialStuffing(Detector):
         self.min_distinct = positive_int(self.min_distinct, "min_distinct")
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
+        check_confirmable(self.window, self.lookback)
         ratio = self.min_failure_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"min_failure_ratio: expected a number in (0, 1], got {ratio!r}")
@@ -82,6 +85,7 @@ class CredentialStuffing(Detector):
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
+        known_us = known_from(times, now, self.lookback)  # before any filtering of the frame
         if events.empty:
             return []
         account_codes, _ = entity_codes(events["account"])
@@ -104,7 +108,7 @@ class CredentialStuffing(Detector):
         distinct = failures.trailing_distinct(credential[failures.rows], window_us)
         ratio = failures.trailing_count(window_us) / attempts.trailing_count(window_us, at=failures.keys)
         hot = (distinct >= self.min_distinct) & (ratio >= self.min_failure_ratio)
-        found = episodes(failures, distinct, hot, window_us)
+        found = episodes(failures, distinct, hot, window_us, known_us)
         if found.empty:
             return []
 

@@ -24,7 +24,9 @@ from detectors.rules import (
     as_timedelta,
     bucket_ceil,
     bucket_floor,
+    check_confirmable,
     check_lookback,
+    known_from,
     human,
     iso,
     positive_int,
@@ -71,7 +73,7 @@ class Enumeration(Detector):
 
     name: ClassVar[str] = "enumeration"
     severity: ClassVar[Severity] = Severity.MEDIUM
-    lookback: ClassVar[timedelta] = timedelta(hours=1)
+    lookback: ClassVar[timedelta] = timedelta(hours=25)
     mitre: ClassVar[str] = "T1595.003"
 
     min_distinct: int = 50
@@ -82,10 +84,12 @@ class Enumeration(Detector):
         self.min_distinct = positive_int(self.min_distinct, "min_distinct")
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
+        check_confirmable(self.window, self.lookback)
         self.statuses = _statuses(self.statuses)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
+        known_us = known_from(times, now, self.lookback)  # before any filtering of the frame
         if events.empty:
             return []
         missing = np.flatnonzero(as_mask(events["status"].isin(self.statuses)) & as_mask(events["path"].notna()))
@@ -100,7 +104,7 @@ class Enumeration(Detector):
         space = KeySpace.covering(times, len(ips), window_us)
         misses = Timeline.build(ip_codes, times, None, space)
         distinct = misses.trailing_distinct(path_codes[misses.rows], window_us)
-        found = episodes(misses, distinct, distinct >= self.min_distinct, window_us)
+        found = episodes(misses, distinct, distinct >= self.min_distinct, window_us, known_us)
         if found.empty:
             return []
 

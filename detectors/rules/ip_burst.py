@@ -13,6 +13,7 @@ from detectors.base import Detector
 from detectors.features import (
     BUCKET_US,
     KeySpace,
+    as_mask,
     Timeline,
     counts_per_episode,
     entity_codes,
@@ -25,6 +26,7 @@ from detectors.rules import (
     as_timedelta,
     bucket_ceil,
     bucket_floor,
+    check_confirmable,
     check_lookback,
     human,
     iso,
@@ -33,7 +35,10 @@ from detectors.rules import (
     up_to_now,
     usec,
 )
-from pipeline.schema import Alert, EntityKind, Severity
+from pipeline.schema import Alert, EntityKind, Outcome, Severity
+
+
+ADAPTIVE_HORIZON = timedelta(hours=1)
 
 
 @dataclass
@@ -69,11 +74,18 @@ class IpBurst(Detector):
     silent in them has a usual rate of 0, so floods from new IPs fire exactly as without it. A flood
     that lasts longer than half the span becomes its own baseline and ends the episode early (the
     alert stays). Networks keep the fixed `subnet_threshold`. Evidence then has `usual_per_window`.
+
+    Customers' own sends (on by default): requests accepted (`ok`) with an API key do not count,
+    unless `count_keyed_ok` is true. A big customer's scheduled campaign sends thousands of calls a
+    minute from its usual server with its own key; a fixed per-IP limit cannot tell that from a
+    flood, but the key's own baseline can: `volume_spike` judges it, `key_sprawl` catches the key
+    drained from elsewhere. What still counts is what a flood is made of: refused keys and
+    passwords, rate-limited calls, 404s, anonymous requests.
     """
 
     name: ClassVar[str] = "ip_burst"
     severity: ClassVar[Severity] = Severity.HIGH
-    lookback: ClassVar[timedelta] = timedelta(hours=1)
+    lookback: ClassVar[timedelta] = timedelta(hours=25)
     mitre: ClassVar[str] = "T1499"
 
     threshold: int = 600
@@ -84,11 +96,13 @@ class IpBurst(Detector):
     ipv6_prefix: int = 64
     adaptive_factor: float = 0.0
     adaptive_span: timedelta = timedelta(minutes=30)
+    count_keyed_ok: bool = False
 
     def __post_init__(self) -> None:
         self.threshold = positive_int(self.threshold, "threshold")
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
+        check_confirmable(self.window, self.lookback)
         self.subnet_threshold = positive_int(self.subnet_threshold, "subnet_threshold")
         self.subnet_min_ips = positive_int(self.subnet_min_ips, "subnet_min_ips")
         self.ipv4_prefix = positive_int(self.ipv4_prefix, "ipv4_prefix")
@@ -100,16 +114,29 @@ class IpBurst(Detector):
             raise ValueError(f"adaptive_factor: expected a number >= 0 (0 turns it off), got {factor!r}")
         self.adaptive_factor = float(factor)
         self.adaptive_span = as_timedelta(self.adaptive_span, "adaptive_span")
-        if self.adaptive_span.total_seconds() % 60 or self.adaptive_span > self.lookback:
-            raise ValueError(f"adaptive_span: whole minutes up to {human(self.lookback)}, got {self.adaptive_span}")
+        if self.adaptive_span.total_seconds() % 60 or self.adaptive_span > ADAPTIVE_HORIZON:
+            raise ValueError(f"adaptive_span: whole minutes up to {human(ADAPTIVE_HORIZON)}, got {self.adaptive_span}")
+        if not isinstance(self.count_keyed_ok, bool):
+            raise ValueError(f"count_keyed_ok: expected true or false, got {self.count_keyed_ok!r}")
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
         if events.empty:
             return []
+        confirm_us = known_from(times, now, self.lookback)  # what the whole frame is known to hold
+        if not self.count_keyed_ok:
+            # A key's accepted sends are the key's business (see the docstring), not the IP's.
+            keyed_ok = as_mask(events["outcome"].eq(Outcome.OK) & events["api_key_id"].notna())
+            if keyed_ok.any():
+                keep = np.flatnonzero(~keyed_ok)
+                events, times = events.iloc[keep], times[keep]
+                if events.empty:
+                    return []
         ip_codes, ips = entity_codes(events["source_ip"])
-        known_us = known_from(times, now, self.lookback) if self.adaptive_factor else None
-        alerts = self._bursts(events, times, ip_codes, ips, EntityKind.IP, self.threshold, known_us)
+        # The adaptive baseline trusts the last hour of the frame, as it did when that was the
+        # lookback (the longer lookback is there to confirm episode starts, not to widen baselines).
+        known_us = known_from(times, now, ADAPTIVE_HORIZON) if self.adaptive_factor else None
+        alerts = self._bursts(events, times, ip_codes, ips, EntityKind.IP, self.threshold, confirm_us, known_us)
 
         network_of_ip = subnets(ips, self.ipv4_prefix, self.ipv6_prefix)
         net_code_of_ip, networks = pd.factorize(network_of_ip, use_na_sentinel=True)
@@ -117,7 +144,7 @@ class IpBurst(Detector):
         net_codes = lookup[ip_codes]
         alerts += self._bursts(
             events, times, net_codes, np.asarray(networks, dtype=object), EntityKind.SUBNET,
-            self.subnet_threshold,
+            self.subnet_threshold, confirm_us,
         )
         return sorted(alerts, key=lambda a: (a.window_start, str(a.entity_kind), a.entity))
 
@@ -129,6 +156,7 @@ class IpBurst(Detector):
         labels: np.ndarray,
         kind: EntityKind,
         threshold: int,
+        confirm_us: int,
         known_us: int | None = None,
     ) -> list[Alert]:
         window_us = usec(self.window)
@@ -140,7 +168,7 @@ class IpBurst(Detector):
         if known_us is not None and (counts >= threshold).any():
             usual = self._usual_per_window(timeline, counts >= threshold, known_us)
             limits = np.maximum(threshold, np.ceil(self.adaptive_factor * usual)).astype(np.int64)
-        found = episodes(timeline, counts, counts >= (threshold if limits is None else limits), window_us)
+        found = episodes(timeline, counts, counts >= (threshold if limits is None else limits), window_us, confirm_us)
         if found.empty:
             return []
         episode, positions = episode_members(found)

@@ -27,8 +27,10 @@ from detectors.rules import (
     as_timedelta,
     bucket_ceil,
     bucket_floor,
+    REPLAY_STEP,
     check_lookback,
     human,
+    known_from,
     iso,
     positive_int,
     up_to_now,
@@ -49,7 +51,8 @@ class PasswordSpraying(Detector):
 
     What fires: failed logins (`auth_failed`) that name an account or key, from addresses that had
     not logged in successfully earlier in the frame (`ignore_known_ips`: a customer's own server
-    mistyping or retrying an old password is not a sprayer). An IP counts toward a window only while
+    mistyping or retrying an old password is not a sprayer; "earlier" is the `window` before the
+    failure). An IP counts toward a window only while
     it failed at most `max_attempts_per_ip` times in it (on that account for the per-account test, in
     all for the spread test): an address that keeps failing is a device with a stale password or a
     brute-forcer (auth_bruteforce's job), not one of a spray's thousand hands. Two tests, one alert
@@ -72,7 +75,11 @@ class PasswordSpraying(Detector):
     failing from a few IPs with many attempts each is a user with a stale password on a roaming phone
     and stays quiet by design.
 
-    Tuning: `window` (default 24 h; lookback is twice that), `min_ips` (20) per account,
+    An episode is reported by the run that sees its start with three windows of history before it
+    (the lookback is five days), so a live tick and a replay give it the same start and id; runs
+    up to a day after its first hot window still extend it.
+
+    Tuning: `window` (default 24 h, at most 24 h), `min_ips` (20) per account,
     `spread_min_ips` (50) and `spread_min_targets` (20) for the spread test; `max_attempts_per_ip`
     (5). Raise `spread_min_ips` where the submission port sees a lot of internet background guessing;
     set `ignore_known_ips = false` to count customers' own addresses too. Score is the peak count of
@@ -81,7 +88,9 @@ class PasswordSpraying(Detector):
 
     name: ClassVar[str] = "password_spraying"
     severity: ClassVar[Severity] = Severity.HIGH
-    lookback: ClassVar[timedelta] = timedelta(days=2)
+    # Three windows to confirm an episode's start (see _confirmed), the day a replay step adds, and
+    # a day more over which later runs still see (and extend) a spray they confirmed.
+    lookback: ClassVar[timedelta] = timedelta(days=5)
     mitre: ClassVar[str] = "T1110.003"
 
     min_ips: int = 20
@@ -96,6 +105,8 @@ class PasswordSpraying(Detector):
         self.min_ips = positive_int(self.min_ips, "min_ips")
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
+        if self.window * 3 + 2 * REPLAY_STEP > self.lookback:
+            raise ValueError(f"window: at most {human((self.lookback - 2 * REPLAY_STEP) / 3)}, got {human(self.window)}")
         self.max_attempts_per_ip = positive_int(self.max_attempts_per_ip, "max_attempts_per_ip")
         self.spread_min_ips = positive_int(self.spread_min_ips, "spread_min_ips")
         self.spread_min_targets = positive_int(self.spread_min_targets, "spread_min_targets")
@@ -114,16 +125,22 @@ class PasswordSpraying(Detector):
         attempts = named & as_mask(events["outcome"].eq(Outcome.AUTH_FAILED))
         logins = named & as_mask(events["outcome"].eq(Outcome.OK))
         if self.ignore_known_ips and logins.any():
-            # An address that logged in before is a customer's: its failures are typos and stale passwords.
-            first_login = np.full(len(ips), _NEVER, dtype=np.int64)
-            found = pd.Series(times[logins]).groupby(ip_codes[logins]).min()
-            first_login[found.index.to_numpy()] = found.to_numpy()
-            attempts &= times < first_login[np.maximum(ip_codes, 0)]
+            # An address that logged in before is a customer's: its failures are typos and stale
+            # passwords. "Before" is the `window` ahead of the failure, not the whole frame: a live
+            # tick and a replay step hold different amounts of the past, and must agree.
+            horizon = usec(self.window)
+            space = KeySpace.covering(times, len(ips), horizon)
+            seen = Timeline.build(ip_codes, times, logins, space)
+            at = space.pack(np.maximum(ip_codes, 0), times)
+            recent = np.searchsorted(seen.keys, at, "left") - np.searchsorted(seen.keys, at - space.width(horizon), "left")
+            attempts &= recent == 0
         if attempts.sum() < min(self.min_ips, self.spread_min_ips):
             return []
 
         window_us = usec(self.window)
-        ctx = _Context(events, times, credential, cred_labels, cred_kinds, ip_codes, ips, logins, window_us)
+        confirmed_from = known_from(times, now, self.lookback) + 3 * window_us
+        ctx = _Context(events, times, credential, cred_labels, cred_kinds, ip_codes, ips, logins, window_us,
+                       confirmed_from)
         alerts = self._per_target(ctx, attempts) + self._spread(ctx, attempts)
         return sorted(alerts, key=lambda a: (a.window_start, str(a.entity_kind), a.entity))
 
@@ -136,7 +153,7 @@ class PasswordSpraying(Detector):
         light = failures.trailing_distinct(items, ctx.window_us) - _heavy(
             failures, items, self.max_attempts_per_ip, ctx.window_us
         )
-        found = episodes(failures, light, light >= self.min_ips, ctx.window_us)
+        found = _confirmed(episodes(failures, light, light >= self.min_ips, ctx.window_us), failures, ctx)
         if found.empty:
             return []
         wave = self._wave(ctx, failures, found, items, ctx.credential)
@@ -165,7 +182,7 @@ class PasswordSpraying(Detector):
         )
         targets = failures.trailing_distinct(ctx.credential[failures.rows], ctx.window_us)
         hot = (light >= self.spread_min_ips) & (targets >= self.spread_min_targets)
-        found = episodes(failures, light, hot, ctx.window_us)
+        found = _confirmed(episodes(failures, light, hot, ctx.window_us), failures, ctx)
         if found.empty:
             return []
         # Logins after the wave began belong to it whatever they used: all owned by entity 0.
@@ -359,6 +376,20 @@ class _Context:
     ips: np.ndarray
     logins: np.ndarray
     window_us: int
+    confirmed_from: int
+
+
+def _confirmed(found: pd.DataFrame, failures: Timeline, ctx: _Context) -> pd.DataFrame:
+    """Episodes whose start every run agrees on. Whether a failure at t is hot depends on the
+    failures of (t - window, t] and on the logins of the window before each of those, and an
+    episode begins with a hot failure with none in the window before it: its first hot failure
+    needs three windows of history.
+    A run whose frame is shorter than that before an episode may see it start later (and so give
+    it another id): that episode is left to the earlier run that saw its start."""
+    if found.empty:
+        return found
+    keep = failures.times[found["first_hot"].to_numpy()] >= ctx.confirmed_from
+    return found[keep].reset_index(drop=True)
 
 
 def _heavy(timeline: Timeline, items: np.ndarray, limit: int, window_us: int) -> np.ndarray:

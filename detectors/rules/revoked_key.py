@@ -24,7 +24,9 @@ from detectors.rules import (
     as_timedelta,
     bucket_ceil,
     bucket_floor,
+    check_confirmable,
     check_lookback,
+    known_from,
     iso,
     plural,
     up_to_now,
@@ -65,7 +67,7 @@ class RevokedKey(Detector):
 
     name: ClassVar[str] = "revoked_key"
     severity: ClassVar[Severity] = Severity.HIGH
-    lookback: ClassVar[timedelta] = timedelta(hours=2)
+    lookback: ClassVar[timedelta] = timedelta(hours=26)
     mitre: ClassVar[str] = "T1078"
 
     # Key fingerprints, or fingerprint -> the time from which presenting it is a finding (None:
@@ -77,9 +79,11 @@ class RevokedKey(Detector):
         self.revoked = normalise_revoked(self.revoked)
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
+        check_confirmable(self.window, self.lookback)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
+        known_us = known_from(times, now, self.lookback)  # before any filtering of the frame
         if events.empty or not self.revoked:
             return []
         key_codes, keys = entity_codes(events["api_key_id"])
@@ -94,7 +98,7 @@ class RevokedKey(Detector):
         window_us = usec(self.window)
         timeline = Timeline.build(key_codes, times, used, KeySpace.covering(times, len(keys), window_us))
         counts = timeline.trailing_count(window_us)
-        found = episodes(timeline, counts, np.ones(len(timeline), dtype=bool), window_us)
+        found = episodes(timeline, counts, np.ones(len(timeline), dtype=bool), window_us, known_us)
         episode, positions = episode_members(found)
         rows = timeline.rows[positions]
         n = len(found)

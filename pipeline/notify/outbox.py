@@ -104,8 +104,11 @@ CANCELLED = "cancelled"
 # many messages failing together do not retry together.
 BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 600.0
-# A claimed row becomes due again after this (plus the route timeout) if its sender died mid-send.
-CLAIM_LEASE_S = 60.0
+# A claimed row becomes due again if its sender died mid-send (SIGKILL, power loss): after the
+# longest a send can take (httpx applies the timeout to connect, write and read in turn, so up to
+# CLAIM_TIMEOUTS of them) plus a margin for the database writes around it.
+CLAIM_TIMEOUTS = 4
+CLAIM_LEASE_S = 10.0
 # Due notifications read per route and run; the rest wait for the next run.
 BATCH = 500
 # Machine receivers get every alert; still, one request carries at most this many.
@@ -383,9 +386,16 @@ def _claim(store: Store, route: Route, rows: list[Any], now: datetime) -> tuple[
     """Take the rows for this sender. Another worker's claim has already moved next_attempt_at into
     the future, so the conditional UPDATE skips rows someone else is sending."""
     token = uuid.uuid4().hex
-    lease = now + timedelta(seconds=route.timeout + CLAIM_LEASE_S)
+    lease = now + timedelta(seconds=CLAIM_TIMEOUTS * route.timeout + CLAIM_LEASE_S)
     ids = [r.notification_id for r in rows]
     with store.engine.begin() as conn:
+        if store.dialect == "postgresql":
+            # Rows another drainer is claiming this instant are skipped, not waited for.
+            ids = list(conn.execute(
+                sa.select(outbox.c.notification_id)
+                .where(_is_due(now), outbox.c.notification_id.in_(ids))
+                .with_for_update(skip_locked=True)
+            ).scalars())
         conn.execute(
             outbox.update()
             .where(_is_due(now), outbox.c.notification_id.in_(ids))

@@ -113,7 +113,7 @@ def test_metrics_count_ingested_lines(sqlite_api) -> None:
     api = sqlite_api
     api.client.post("/ingest?format=json&batch_id=m1", headers={**api.key("ingest"), "Content-Type": "text/plain"},
                     content=BODY)
-    text = api.client.get("/metrics", headers=api.key("events:read")).text
+    text = api.client.get("/metrics", headers=api.key("metrics:read")).text
     assert 'mailwarden_ingest_lines_total{format="json"} 4' in text
     assert 'mailwarden_ingest_events_stored_total{format="json"} 3' in text
     assert 'mailwarden_ingest_quarantined_total{format="json"} 1' in text

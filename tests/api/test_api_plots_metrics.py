@@ -96,7 +96,7 @@ def test_bucket_width_keeps_bars_few(minutes, expected) -> None:
 def test_metrics_endpoint(api, alert_factory) -> None:
     api.add_events(_traffic())
     api.store.upsert_alerts([alert_factory("ip_burst"), alert_factory("auth_bruteforce")])
-    headers = api.key("events:read")
+    headers = api.key("events:read", "metrics:read")
     api.client.get("/alerts", headers=headers)  # 403: events:read cannot read alerts
     api.client.get("/events", headers={"X-API-Key": "mwk_wrong"})
     for _ in range(3):

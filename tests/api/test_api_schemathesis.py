@@ -7,7 +7,6 @@ plugin, whose lazy-fixture loader does not run on the pytest version we use.
 from __future__ import annotations
 
 from datetime import timedelta
-import time
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -18,9 +17,10 @@ from pipeline.schema import EntityKind, Severity
 
 from .conftest import T0, Api, make_alert
 
-# Examples per operation and mode: schemathesis tries boundary values first, then random ones;
-# with ~15 operations, two modes and two backends this stays well under a minute.
-EXAMPLES = 60
+# Examples per operation and mode: schemathesis tries boundary values first, then random ones.
+# 20 keeps one backend under 20 s (~17 operations x 2 modes); 60 found nothing more in our runs,
+# and the one real find (a NUL byte PostgreSQL refuses) comes within the first 20.
+EXAMPLES = 20
 
 
 def _seed(api: Api) -> None:
@@ -56,7 +56,6 @@ def test_no_generated_request_causes_a_server_error(api: Api) -> None:
     operations = [result.ok() for result in schema.get_all_operations()]
     server_errors: list[str] = []
     calls: dict[str, int] = {}
-    T={}
     no_negative: list[str] = []
 
     for operation in operations:
@@ -70,14 +69,12 @@ def test_no_generated_request_causes_a_server_error(api: Api) -> None:
                 suppress_health_check=list(HealthCheck),
             )
             def exercise(case) -> None:
-                t=time.perf_counter()
                 try:
                     response = case.call(headers=headers)
                 except Exception as exc:  # the in-process client re-raises what a server would turn into a 500
                     server_errors.append(f"{case.method} {case.formatted_path} query={case.query!r} body={case.body!r:.200}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                     return
                 calls[operation.label] = calls.get(operation.label, 0) + 1
-                T[operation.label]=T.get(operation.label,0)+time.perf_counter()-t
                 if response.status_code >= 500:
                     server_errors.append(
                         f"{case.method} {case.formatted_path} query={case.query!r} body={case.body!r:.200}: "
@@ -91,7 +88,6 @@ def test_no_generated_request_causes_a_server_error(api: Api) -> None:
                 assert mode is GenerationMode.NEGATIVE, operation.label
                 no_negative.append(operation.label)
 
-    print(T); open("/tmp/st_errors.txt","a").write("\n".join(server_errors)+"\n")
     assert server_errors == []
     # Every documented operation was called (a schema that failed to load would pass vacuously).
     labels = {op.label for op in operations}
@@ -101,3 +97,12 @@ def test_no_generated_request_causes_a_server_error(api: Api) -> None:
     assert calls.pop("GET /health") >= 1
     assert min(calls.values()) >= EXAMPLES
     assert "GET /health" in no_negative and "GET /alerts" not in no_negative
+
+
+def test_a_nul_character_is_a_client_error_and_still_audited(api: Api) -> None:
+    """What schemathesis found: PostgreSQL text cannot hold NUL, which made a 500 and lost the audit row."""
+    headers = api.key("admin", name="nul")
+    assert api.client.get("/alerts?detector=ip%00burst", headers=headers).status_code in (200, 422)
+    assert api.client.get("/alerts/abc%00def", headers=headers).status_code in (404, 422)
+    paths = [r["path"] for r in api.audit_rows()]
+    assert paths == ["/alerts?detector=ip%00burst", "/alerts/abc\\x00def"]

@@ -9,8 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -134,6 +136,8 @@ def test_sigkill_mid_ingest_then_restart_gives_exact_count(database_url: str, tm
     assert done.returncode == 0, done.stderr
     assert _count(database_url) == 1_000_000
     assert "Traceback" not in done.stderr
+    # The killed run was a bulk load (entity indexes dropped); the restart built them back.
+    assert ENTITY_INDEXES <= _index_names(database_url)
 
 
 def _cli(*args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -172,3 +176,91 @@ def test_stdin_ingest_is_idempotent(tmp_path: Path) -> None:
     assert "events stored" in out1 and "50" in out1
     assert _count(f"sqlite:///{tmp_path / 'mailwarden.db'}") == 50
     assert "duplicates skipped" in out2
+
+
+def _index_names(url: str) -> set[str]:
+    engine = sa.create_engine(url)
+    try:
+        return {ix["name"] for ix in sa.inspect(engine).get_indexes("events")}
+    finally:
+        engine.dispose()
+
+
+ENTITY_INDEXES = {"ix_events_source_ip_ts", "ix_events_account_ts", "ix_events_api_key_id_ts"}
+
+
+def test_bulk_load_builds_entity_indexes_at_the_end_and_a_killed_one_gets_them_back(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.jobs as jobs
+
+    # Any file counts as big here, so a 3,000-line file takes the bulk path.
+    monkeypatch.setattr(jobs, "BULK_MIN_BYTES", 0)
+    log = write_combined_log(tmp_path / "bulk.log", 3_000, seed=5)
+    store = Store.open(database_url)
+    assert ENTITY_INDEXES <= _index_names(database_url)
+    during: list[set[str]] = []
+    summary = ingest_paths(store, _settings(database_url, tmp_path), [str(log)], "combined",
+                           progress=lambda *_: during.append(_index_names(database_url)))
+    assert summary.events_stored == 3_000
+    # While loading, the entity indexes were absent (the time index stayed); afterwards all are back.
+    assert during and all(not (names & ENTITY_INDEXES) and "ix_events_ts" in names for names in during)
+    assert ENTITY_INDEXES <= _index_names(database_url)
+    # A load killed before its end leaves them dropped: the next open builds them again.
+    store.drop_secondary_indexes()
+    assert not _index_names(database_url) & ENTITY_INDEXES
+    store.close()
+    Store.open(database_url).close()
+    assert ENTITY_INDEXES <= _index_names(database_url)
+
+
+def test_a_small_file_into_a_bigger_store_keeps_the_indexes(database_url: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.jobs as jobs
+
+    monkeypatch.setattr(jobs, "BULK_MIN_BYTES", 0)
+    store = Store.open(database_url)
+    settings = _settings(database_url, tmp_path)
+    ingest_paths(store, settings, [str(write_combined_log(tmp_path / "a.log", 2_000, seed=6))], "combined")
+    during: list[set[str]] = []
+    # 200 lines of ~120 bytes are far fewer than the 2,000 events stored: no bulk mode.
+    small = write_combined_log(tmp_path / "b.log", 200, seed=7)
+    ingest_paths(store, settings, [str(small)], "combined", progress=lambda *_: during.append(_index_names(database_url)))
+    assert during and all(ENTITY_INDEXES <= names for names in during)
+    assert store.count_events() == 2_200
+    store.close()
+
+
+def test_awkward_text_values_survive_the_bulk_path_unchanged(database_url: str) -> None:
+    import polars as pl
+
+    from pipeline.parsers.base import conform
+    from pipeline.schema import event_ids
+
+    # Separators and quotes of the CSV that COPY reads, a NUL PostgreSQL text cannot hold, a line
+    # break, non-ASCII, and the empty string next to null: each must come back as it went in
+    # (NUL as the escape the parsers use for bytes that are not text).
+    agents = ['a,b "quoted" \\ back', "", None, "tab\there\r\nnewline", "caf\u00e9 \u2603 \U0001f600", "nul\x00byte"]
+    n = len(agents)
+    frame = conform(pl.DataFrame({
+        "ts": [datetime(2026, 3, 29, 1, 59, 59, 123456, tzinfo=timezone.utc)] * n,
+        "source_ip": ["2001:db8::1"] * n,
+        "user_agent": agents,
+        "bytes": [None, 0, 1, 2**40, None, 5],
+        "duration_ms": [0.5, None, 1e-3, 12345.678, None, 2.0],
+        "row": list(range(n)),
+    })).drop("row").with_columns(
+        pl.Series("event_id", event_ids("q" * 32, list(range(n)))), pl.Series("origin", [f"f:{i}" for i in range(n)])
+    )
+    store = Store.open(database_url)
+    result = store.write_batch(frame, [], None)
+    assert result.inserted == n
+    back = store.load_events(datetime(2026, 3, 29, tzinfo=timezone.utc), datetime(2026, 3, 30, tzinfo=timezone.utc))
+    back = back.sort_values("event_id").reset_index(drop=True)
+    expected = [a.replace("\x00", "\\x00") if a is not None else None for a in agents]
+    assert [None if v is pd.NA else v for v in back["user_agent"].tolist()] == expected
+    assert [None if v is pd.NA else v for v in back["bytes"].tolist()] == [None, 0, 1, 2**40, None, 5]
+    assert [None if v is pd.NA else v for v in back["duration_ms"].tolist()] == [0.5, None, 1e-3, 12345.678, None, 2.0]
+    assert set(back["ts"].astype(str)) == {"2026-03-29 01:59:59.123456+00:00"}
+    assert set(back["source_ip"]) == {"2001:db8::1"}
+    store.close()

@@ -227,9 +227,11 @@ def test_customers_and_attackers_geolocate_as_labelled(noisy: Path) -> None:
 
 
 def test_revoked_keys_are_only_used_again_by_the_attack(noisy: Path) -> None:
-    revoked = lines(noisy, "revoked_keys.txt")
+    revoked = dict(line.split() for line in lines(noisy, "revoked_keys.txt"))
     assert revoked
     keys = {k["key"]: k for c in json.loads((noisy / "keys.json").read_text())["customers"] for k in c["keys"]}
+    # Each line is `KEY TIME`, the time being when keys.json says the key was rotated away.
+    assert {key: keys[key]["revoked_at"] for key in revoked} == revoked
     attack = next(r for r in attack_labels(noisy) if r["attack_kind"] == "revoked_key")
     assert attack["entity"] in revoked
     late = [json.loads(line) for line in lines(noisy, API_FILE)

@@ -1,0 +1,112 @@
+"""The dashboard's page and static files, the model's score plot, and the figure loaders giving the
+same frames on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+from datetime import timedelta
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from api.frames import LOADERS, FrameReader, Span
+from api.main import create_app
+from dashboards.figures import OVERVIEW
+from detectors.rules.auth_bruteforce import AuthBruteforce
+from pipeline.demo_store import make_demo_key
+from pipeline.store import Store
+
+from .test_report import T0, _posture_rows, _store_with
+
+
+@pytest.fixture
+def client(demo_copy):
+    store = Store.open(demo_copy.url)
+    key = make_demo_key(store)
+    store.close()
+    with TestClient(create_app(demo_copy.settings())) as client:
+        yield client, {"X-API-Key": key}, demo_copy
+
+
+def test_page_and_static_files_come_from_mailwarden(client) -> None:
+    http, _, _ = client
+    page = http.get("/")
+    assert page.status_code == 200
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert f'data-figures="{",".join(OVERVIEW)}"' in page.text
+    # Every script and stylesheet the page loads is one of ours.
+    assert re.findall(r'(?:src|href)="(/static/[^"]+)"', page.text) == [
+        "/static/dashboard.css", "/static/dashboard.js", "/static/plotly.min.js"]
+    assert not re.search(r'(?:src|href)="(?:https?:)?//', page.text)
+
+    bundled = resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
+    plain = http.get("/static/plotly.min.js", headers={"Accept-Encoding": "identity"})
+    assert hashlib.sha256(plain.content).digest() == hashlib.sha256(bundled).digest()
+    zipped = http.get("/static/plotly.min.js", headers={"Accept-Encoding": "gzip"})
+    assert zipped.headers["content-encoding"] == "gzip" and zipped.content == bundled  # httpx unzips
+    again = http.get("/static/plotly.min.js", headers={"If-None-Match": plain.headers["etag"]})
+    assert again.status_code == 304
+    assert http.get("/static/../pipeline/cli.py").status_code == 404
+
+
+def test_score_plot_matches_the_scores_computed_from_the_events(client) -> None:
+    from dashboards.scores import window_scores
+    from detectors.models.iforest_ip import IforestIp
+
+    http, headers, demo = client
+    assert http.get("/plots/score_distribution").status_code == 401
+    figure = http.get("/plots/score_distribution", headers=headers).json()
+    store = Store.open(demo.url)
+    try:
+        first, last = store.event_time_range()
+        detector = IforestIp()
+        since = last - timedelta(hours=24)
+        scored = window_scores(store.load_events(since - detector.history, last), last, detector)
+    finally:
+        store.close()
+    expected = scored.frame[scored.frame["window_start"] >= since]
+    assert sum(len(t["x"]) for t in figure["data"]) == len(expected) > 1000
+    assert sorted(x for t in figure["data"] for x in t["x"]) == pytest.approx(sorted(expected["score"]))
+    assert f"threshold {scored.threshold:.3g}" in figure["layout"]["annotations"][0]["text"]
+    assert {t["name"] for t in figure["data"]} <= {"other windows", "IP named by an alert"}
+
+
+def test_loaders_give_the_same_frames_on_sqlite_and_postgresql(pg_database_url: str, tmp_path: Path) -> None:
+    import sqlalchemy as sa
+    import uuid
+
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    rows = _posture_rows()
+    stores = {
+        "sqlite": _store_with(f"sqlite:///{tmp_path / 's.db'}", rows),
+        "postgresql": _store_with(f"{pg_database_url}?options=-csearch_path%3D{schema}", rows),
+    }
+    try:
+        span = Span(T0, T0 + timedelta(hours=2))
+        for store in stores.values():
+            # Real alerts on both: the SMTP guessing of the rows, with a threshold it reaches.
+            found = AuthBruteforce(threshold=5).detect(store.load_events(span.since, span.until), span.until)
+            assert store.upsert_alerts(found)[0] == 1
+        frames = {name: {fig: LOADERS[fig](FrameReader(store), span) for fig in OVERVIEW}
+                  for name, store in stores.items()}
+    finally:
+        for store in stores.values():
+            store.close()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+    for fig in OVERVIEW:
+        lite, pg = frames["sqlite"][fig]["frame"], frames["postgresql"][fig]["frame"]
+        assert len(lite) > 0, fig
+        pd.testing.assert_frame_equal(lite.reset_index(drop=True), pg.reset_index(drop=True), check_dtype=False,
+                                      obj=fig)
+    traffic = frames["sqlite"]["requests_over_time"]["frame"]
+    assert int(traffic["count"].sum()) == len(rows)
