@@ -15,6 +15,7 @@ from typing import Any
 
 import iptocc
 import pandas as pd
+import polars as pl
 import sqlalchemy as sa
 
 from api.queries import AlertQuery, ApiQueries, as_utc, network_text_prefix, parse_ip_filter
@@ -102,35 +103,46 @@ def _top(frame: pd.DataFrame, column: str, top: int = TOP) -> pd.DataFrame:
 
 
 class AggregateCache:
-    """Results by key for `ttl` seconds, each computed once even when many threads ask at once."""
+    """Results by key for `ttl` seconds after they are computed, each computed once even when many
+    threads ask at once."""
 
     def __init__(self, ttl: float = 15.0, max_entries: int = 32, clock: Callable[[], float] = time.monotonic):
         self.ttl, self.max_entries, self._clock = ttl, max_entries, clock
         self._lock = threading.Lock()
-        self._entries: dict[Any, tuple[float, Future]] = {}
+        # key -> [time the result was ready (None while computing), future]
+        self._entries: dict[Any, list[Any]] = {}
+
+    def _expired(self, entry: list[Any], now: float) -> bool:
+        # An entry still computing never expires: on a slow, busy machine a computation longer than
+        # the ttl would otherwise be started again by every later caller.
+        return entry[0] is not None and now - entry[0] > self.ttl
 
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:
         with self._lock:
             now = self._clock()
-            for stale in [k for k, (at, _) in self._entries.items() if now - at > self.ttl]:
+            for stale in [k for k, e in self._entries.items() if self._expired(e, now)]:
                 del self._entries[stale]
             entry = self._entries.get(key)
             owner = entry is None
             if owner:
                 while len(self._entries) >= self.max_entries:
                     self._entries.pop(next(iter(self._entries)))
-                entry = (now, Future())
+                entry = [None, Future()]
                 self._entries[key] = entry
         future = entry[1]
         if owner:
             try:
-                future.set_result(compute())
+                result = compute()
             except BaseException as exc:
                 with self._lock:
                     # A failure is not cached: the next caller tries again.
                     if self._entries.get(key) is entry:
                         del self._entries[key]
                 future.set_exception(exc)
+            else:
+                with self._lock:
+                    entry[0] = self._clock()
+                future.set_result(result)
         return future.result()
 
 
@@ -223,16 +235,41 @@ class FrameReader:
         return cache_for(self.store).get(key, lambda: self._compute_aggregates(span.since, span.until, grain))
 
     def _compute_aggregates(self, since: datetime, until: datetime, grain: int) -> RangeAggregates:
+        scanned = self._sqlite_columns(since, until) if self.store.dialect == "sqlite" else None
+        if scanned is not None:
+            return _aggregates_of(scanned, grain)
         # Two scans, one after the other. Measured on SQLite with a day of 180,000 events on two
         # cores: side by side on their own connections they took 1.4 s, in a row 0.6 s (each new
         # connection starts with an empty page cache, and the cores are busy with the page anyway).
-        traffic = self.traffic(since, until, grain)
-        entities = self.per_entity(since, until)
-        ips = _sum_by(entities, "source_ip")
-        pairs = entities[entities["api_key_id"].notna() | entities["account"].notna()]
-        keys = (pairs.groupby(["api_key_id", "account"], as_index=False, dropna=False)
-                [["requests", "failures", "auth_failures"]].sum())
-        return RangeAggregates(traffic, ips, keys, grain)
+        return _fold_entities(self.traffic(since, until, grain), self.per_entity(since, until), grain)
+
+    def _sqlite_columns(self, since: datetime, until: datetime) -> pl.DataFrame | None:
+        """The six columns the overview counts, read as Arrow through ADBC (None without it).
+
+        SQLite's GROUP BY sorts every row of the range: with a million events the two scans cost
+        6 s of CPU, against under 2 s for reading the columns and counting them in polars (0.6 s
+        against 0.26 s for a day of 180,000 events).
+        """
+        path = self.engine.url.database
+        if not path or path == ":memory:":
+            return None
+        try:
+            import adbc_driver_sqlite.dbapi as adbc
+        except ImportError:
+            return None
+        # Nulls travel as '' (ADBC types a column by its first rows, and an all-null start would
+        # not be text); the seconds of `ts` are all a bucket needs.
+        columns = ", ".join(f"coalesce({c}, '') AS {c}" for c in _SCANNED[1:])
+        fmt = "%Y-%m-%d %H:%M:%S.%f"
+        with adbc.connect(f"file:{path}?mode=ro") as conn, conn.cursor() as cur:
+            cur.execute(
+                f"SELECT substr(ts, 1, 19) AS ts, {columns} FROM events WHERE ts >= ? AND ts <= ?",
+                (as_utc(since).strftime(fmt), as_utc(until).strftime(fmt)),
+            )
+            frame = pl.from_arrow(cur.fetch_arrow_table())
+        if frame.height == 0:
+            return pl.DataFrame(schema={c: pl.String for c in _SCANNED})
+        return frame.with_columns(pl.col(c).cast(pl.String) for c in _SCANNED)
 
     def traffic(self, since: datetime, until: datetime, grain: int) -> pd.DataFrame:
         """Events per (bucket of `grain` seconds, outcome, service): bucket, outcome, service, count."""
@@ -351,11 +388,15 @@ class FrameReader:
         from detectors.models.iforest_ip import IforestIp
 
         detector = IforestIp()
-        since = max(as_utc(span.since), as_utc(span.until) - MODEL_SPAN)
-        # The windows' `history` features need the hours before the first scored window.
+        try:
+            since = max(as_utc(span.since), as_utc(span.until) - MODEL_SPAN)
+            # The windows' `history` features need the hours before the first scored window.
+            start = since - detector.history
+        except OverflowError:  # a range at the start of the calendar: nothing can be stored there
+            since = start = as_utc(span.since)
         columns = ["event_id", "ts", "source_ip", "service", "method", "path", "outcome", "api_key_id", "account",
                    "user_agent", "bytes", "recipients"]
-        frame = self.store.load_events(since - detector.history, span.until, columns=columns)
+        frame = self.store.load_events(start, span.until, columns=columns)
         scored = window_scores(frame, as_utc(span.until), detector)
         scores = scored.frame[pd.to_datetime(scored.frame["window_start"], utc=True) >= since]
         alerts = self.alerts_frame(since, span.until)
@@ -427,6 +468,56 @@ class FrameReader:
             rows = conn.execute(query).all()
         frame = pd.DataFrame(rows, columns=["account", "auth_failures", "requests", "ips"])
         return frame.astype({"account": "string", "auth_failures": "int64", "requests": "int64", "ips": "int64"})
+
+
+_SCANNED = ("ts", "outcome", "service", "source_ip", "api_key_id", "account")
+
+
+def _aggregates_of(frame: pl.DataFrame, grain: int) -> RangeAggregates:
+    """The overview's aggregates counted from the scanned columns, equal to what the SQL path gives."""
+    blank = pl.lit(None, dtype=pl.String)
+    seconds = pl.col("ts").str.to_datetime("%Y-%m-%d %H:%M:%S", time_unit="us", time_zone="UTC").dt.epoch("s")
+    traffic = (
+        frame.with_columns(
+            bucket=seconds - seconds % grain,
+            # As coalesce(outcome, 'unknown') in the SQL path.
+            outcome=pl.when(pl.col("outcome") == "").then(pl.lit("unknown")).otherwise(pl.col("outcome")),
+            service=pl.when(pl.col("service") == "").then(pl.lit("unknown")).otherwise(pl.col("service")),
+        )
+        .group_by(["bucket", "outcome", "service"])
+        .agg(count=pl.len())
+        .sort(["bucket", "outcome", "service"])
+        .to_pandas()
+    )
+    traffic = traffic.assign(
+        bucket=pd.to_datetime(traffic["bucket"].astype("int64"), unit="s", utc=True),
+        outcome=traffic["outcome"].astype("string"), service=traffic["service"].astype("string"),
+        count=traffic["count"].astype("int64"),
+    )
+    outcome = pl.col("outcome")
+    entities = (
+        frame.group_by(["source_ip", "api_key_id", "account"])
+        .agg(
+            requests=pl.len(),
+            # A missing outcome is not a failure, as `outcome != 'ok'` is not true for NULL in SQL.
+            failures=((outcome != "ok") & (outcome != "")).sum(),
+            auth_failures=(outcome == Outcome.AUTH_FAILED.value).sum(),
+        )
+        .with_columns(pl.when(pl.col(c) == "").then(blank).otherwise(pl.col(c)).alias(c)
+                      for c in ("source_ip", "api_key_id", "account"))
+        .to_pandas()
+    )
+    entities = entities.astype({"source_ip": "string", "api_key_id": "string", "account": "string",
+                                "requests": "int64", "failures": "int64", "auth_failures": "int64"})
+    return _fold_entities(traffic, entities, grain)
+
+
+def _fold_entities(traffic: pd.DataFrame, entities: pd.DataFrame, grain: int) -> RangeAggregates:
+    ips = _sum_by(entities, "source_ip")
+    pairs = entities[entities["api_key_id"].notna() | entities["account"].notna()]
+    keys = (pairs.groupby(["api_key_id", "account"], as_index=False, dropna=False)
+            [["requests", "failures", "auth_failures"]].sum())
+    return RangeAggregates(traffic, ips, keys, grain)
 
 
 def _as_utc_time(value: Any) -> datetime:

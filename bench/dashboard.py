@@ -108,6 +108,11 @@ def first_load(browser, base_url: str, key: str, preset: str) -> dict:
             timeout=120_000, polling=10,
         )
         ms = page.evaluate("() => performance.now()")
+        marks = page.evaluate("() => Object.fromEntries(performance.getEntriesByType('mark')"
+                              ".map(m => [m.name.replace('mailwarden:', ''), Math.round(m.startTime)]))")
+        alerts_ms = page.evaluate(
+            "() => { const r = performance.getEntriesByType('resource').find(e => e.name.includes('/alerts?'));"
+            " return r ? Math.round(r.responseEnd) : null; }")
         figures = page.eval_on_selector_all(
             "div.figure", "ds => ds.map(d => [d.dataset.figure, d.dataset.state, Number(d.dataset.points || 0)])")
         api_calls = page.evaluate(
@@ -115,7 +120,13 @@ def first_load(browser, base_url: str, key: str, preset: str) -> dict:
             ".map(e => [new URL(e.name).pathname, Math.round(e.duration)])")
     finally:
         context.close()
-    return {"ms": ms, "figures": figures, "api_calls": api_calls}
+    return {"ms": ms, "marks": marks, "alerts_ms": alerts_ms, "figures": figures, "api_calls": api_calls}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), to tell work from waiting on a busy machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -149,11 +160,19 @@ def main() -> None:
                     for _ in range(args.runs):
                         # Past the aggregate cache's lifetime: every run reads the database afresh.
                         time.sleep(CACHE_TTL_SECONDS + 1)
-                        runs.append(first_load(browser, f"http://127.0.0.1:{port}", key, preset))
+                        load = os.getloadavg()[0]
+                        cpu = cpu_seconds(server.pid)
+                        run = first_load(browser, f"http://127.0.0.1:{port}", key, preset)
+                        run.update(server_cpu_s=cpu_seconds(server.pid) - cpu, load=load)
+                        runs.append(run)
                     drawn = [sum(1 for f in r["figures"] if f[1] == "ready" and f[2] > 0) for r in runs]
                     results[name] = {
                         "first_load_ms": [round(r["ms"]) for r in runs],
                         "median_ms": round(statistics.median(r["ms"] for r in runs)),
+                        "alerts_shown_ms": [r["alerts_ms"] for r in runs],
+                        "first_figure_ms": [r["marks"].get("first-figure") for r in runs],
+                        "server_cpu_s": [round(r["server_cpu_s"], 2) for r in runs],
+                        "load_average_1min": [round(r["load"], 1) for r in runs],
                         "figures_drawn_with_data": drawn,
                         "slowest_api_calls": sorted(runs[-1]["api_calls"], key=lambda c: -c[1])[:3],
                     }

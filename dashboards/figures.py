@@ -527,10 +527,11 @@ def score_distribution(
                                        opacity=0.75, hovertemplate="score %{x}<br>%{y:,} windows<extra>" + name
                                        + "</extra>"))
     if threshold is not None:
-        above = float((scores >= threshold).mean())
+        above = int((scores >= threshold).sum())
         fig.add_vline(x=threshold, line_dash="dash", line_color="#1f2933", line_width=2)
         fig.add_annotation(x=threshold, y=1, yref="paper", xanchor="left", yanchor="top", showarrow=False,
-                           text=f" threshold {threshold:.3g}: {above:.1%} of windows above",
+                           text=f" threshold {threshold:.3g}: {above:,} of {len(scores):,} windows"
+                                f" ({above / len(scores):.2%}) at or above",
                            font={"color": "#1f2933"})
     return _style(fig, title, barmode="overlay", xaxis_title="anomaly score (higher is worse)",
                   yaxis_title="windows", yaxis_type="log" if len(scores) > 200 else "linear")
@@ -621,11 +622,12 @@ FIGURES: dict[str, Callable[..., go.Figure]] = {
 }
 
 # The overview: what the dashboard's front page and the report show, in this order.
+# Half-width figures come in pairs between the wide ones, so no half row is left empty.
 OVERVIEW = [
     "requests_over_time",
     "auth_failures_over_time",
-    "alert_timeline",
     "failure_heatmap",
+    "alert_timeline",
     "countries_map",
     "top_ips",
     "top_subnets",

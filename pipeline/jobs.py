@@ -559,7 +559,14 @@ def _sqlite_frame(store: Store, since: datetime, until: datetime) -> pl.DataFram
             (_utc(since).strftime(fmt), _utc(until).strftime(fmt)),
         )
         frame = pl.from_arrow(cur.fetch_arrow_table())
+    if frame.height == 0:  # no rows to type the columns by: the schema's types
+        schema = polars_schema()
+        return pl.DataFrame(schema={c: schema[c] for c in DETECT_COLUMNS})
     return frame.with_columns(
+        *[pl.col(c).cast(pl.String) for c in _TEXT_COLUMNS],
+        *[pl.col(c).cast(pl.Int64) for c in DETECT_COLUMNS if EVENT_COLUMNS[c] == "int"],
+        pl.col("duration_ms").cast(pl.Float64),
+    ).with_columns(
         *[pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in _TEXT_COLUMNS if c != "ts"],
         pl.when(pl.col("duration_ms") < 0).then(None).otherwise(pl.col("duration_ms")).alias("duration_ms"),
         pl.col("ts").str.slice(0, 26).str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", time_zone="UTC", strict=False),
@@ -643,8 +650,6 @@ def attach_models(store: Store, detectors: list[Any]) -> list[str]:
     with the same features, feature shape, quantile and scikit-learn version. Returns their names."""
     import pickle
 
-    import sklearn
-
     from detectors.models import IsolationForestDetector
 
     models = [d for d in detectors if isinstance(d, IsolationForestDetector)]
@@ -652,6 +657,10 @@ def attach_models(store: Store, detectors: list[Any]) -> list[str]:
         return []
     with store.engine.connect() as conn:
         rows = {r.name: r for r in conn.execute(sa.select(trained_models).where(trained_models.c.name.in_([d.name for d in models])))}
+    if not rows:
+        return []
+    import sklearn  # only with a stored model: the import alone takes seconds
+
     attached = []
     for detector in models:
         row = rows.get(detector.name)

@@ -23,7 +23,10 @@ def audit(
     outcome: Annotated[
         str | None, Query(description="ok, missing_key, bad_key, revoked_key, rate_limited, forbidden, …")
     ] = None,
-    before_id: Annotated[int | None, Query(description="Page backwards: audit_id of the last row seen.")] = None,
+    # Bounded to BIGINT: a larger number is a 422, not an overflow inside the database driver.
+    before_id: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="Page backwards: audit_id of the last row seen.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditOut]:
     """Newest first."""

@@ -35,7 +35,8 @@ def plot(
 ) -> Response:
     """Figure JSON (`data` and `layout`) for Plotly.newPlot. Names: alert_activity (with alert_id),
     and by range: alert_timeline, auth_failures_over_time, countries_map, failure_heatmap,
-    requests_over_time, top_accounts, top_ips, top_keys, top_subnets."""
+    requests_over_time, score_distribution (iforest_ip fitted on the range's last 24 h, seconds on a
+    big store), top_accounts, top_ips, top_keys, top_subnets."""
     reader = FrameReader(queries.store, queries)
     if name == "alert_activity":
         # The figure names the alert and its entity: reading alerts is needed as well.

@@ -218,7 +218,8 @@ class PasswordSpraying(Detector):
         IP that was light at that moment: an unrelated brute-forcer hours earlier does not stretch the
         alert back to its first attempt. That moment is in the past of every later run, so the start
         (and the alert id) stays put. Members are the failures from there to the episode's last hot
-        one, less the IPs that went over `max_attempts_per_ip` within a window (`heavy_ips`).
+        one, less the IPs that went over `max_attempts_per_ip` within a window (`heavy_ips`), except
+        for their first `max_attempts_per_ip` tries (when they still counted as light).
         """
         starts = []
         for first, first_hot in zip(found["first"], found["first_hot"], strict=True):
@@ -231,6 +232,10 @@ class PasswordSpraying(Detector):
         peak = _peak_per_member(episode, items[positions], failures.times[positions], ctx.window_us)
         light = peak <= self.max_attempts_per_ip
         heavy_ips = counts_per_episode(episode[~light], pd.Series(ctx.ips[items[positions[~light]]]), len(found))
+        # A sprayer that keeps going one try an hour turns heavy after `max_attempts_per_ip` hours;
+        # its first tries were light, counted towards the wave, and it stays one of the wave's IPs.
+        tries = pd.Series(np.ones(len(positions))).groupby([episode, items[positions]]).cumsum().to_numpy()
+        light |= tries <= self.max_attempts_per_ip
         episode, positions = episode[light], positions[light]
         facts = self._facts(ctx, failures, found, episode, positions, items, owner_codes)
         for i, heavy in enumerate(heavy_ips):

@@ -37,6 +37,9 @@ from pipeline.schema import Alert, EntityKind, Outcome, Severity
 
 _HOUR_US = 3600 * US_PER_SECOND
 BASELINE_HOURS = 24  # one daily cycle: nights and office hours both weigh in the median
+# How far back a key's first send is looked for when asking whether it has `min_history`: bounded,
+# so every run that holds this much before an hour judges that hour the same way.
+HISTORY_HOURS = 36
 _MAD_TO_SIGMA = 1.4826  # MAD of normal data times this estimates its standard deviation
 
 
@@ -90,9 +93,9 @@ class VolumeSpike(Detector):
 
     name: ClassVar[str] = "volume_spike"
     severity: ClassVar[Severity] = Severity.HIGH
-    # A day of baseline before each hour judged, plus half a day so an episode keeps its start
-    # (and its alert id) in every run that still sees it.
-    lookback: ClassVar[timedelta] = timedelta(hours=36)
+    # HISTORY_HOURS before each hour judged, the day a replay step covers, and half a day so an
+    # episode keeps its start (and its alert id) in every run that still sees it.
+    lookback: ClassVar[timedelta] = timedelta(hours=HISTORY_HOURS + 24 + 12)
     mitre: ClassVar[str] = "T1078"
 
     factor: float = 10.0
@@ -186,9 +189,9 @@ class VolumeSpike(Detector):
         """Median, MAD and limits of hourly sends and recipients before the hour of each candidate.
 
         The baseline of hour H is the key's hours in [H - 24 h, H), silent ones included, from its
-        first send seen since the first fully known hour. A key first seen less than `min_history`
-        before H is not judged (infinite limits). Computed once per distinct (key, hour) of the
-        candidates, on a key x hour grid of the candidate keys only.
+        first send in the HISTORY_HOURS before H (fully known hours only). A key whose first send
+        in them is less than `min_history` before H is not judged (infinite limits). Computed once
+        per distinct (key, hour) of the candidates, on a key x hour grid of the candidate keys only.
         """
         pair_codes, pair_hours = timeline.codes[candidate], hours[candidate]
         # Candidates come in timeline order (key, then time), so keys and (key, hour) pairs are
@@ -198,16 +201,11 @@ class VolumeSpike(Detector):
         new_pair = new_key | np.r_[True, pair_hours[1:] != pair_hours[:-1]]
         pair_of_candidate = np.cumsum(new_pair) - 1
         row, hour = key_row[new_pair], pair_hours[new_pair]
-        lowest = max(int(pair_hours.min()) - BASELINE_HOURS, first_known_hour)
+        lowest = max(int(pair_hours.min()) - HISTORY_HOURS, first_known_hour)
         width = max(int(pair_hours.max()) - lowest, 1)  # hours before the latest candidate hour
         is_candidate_key = np.zeros(int(timeline.codes.max()) + 1, dtype=bool)
         is_candidate_key[keys_of_pairs] = True
         mine = is_candidate_key[timeline.codes] & (hours >= first_known_hour)
-        # Each key's first known hour with a send: the timeline is sorted by key, then time.
-        first_send = np.full(len(keys_of_pairs), np.iinfo(np.int64).max)
-        codes_known = timeline.codes[mine]
-        starts = np.r_[True, codes_known[1:] != codes_known[:-1]] if len(codes_known) else np.zeros(0, bool)
-        first_send[np.searchsorted(keys_of_pairs, codes_known[starts])] = hours[mine][starts]
         # Hourly sends and recipients of the candidate keys, one row per key, one column per hour.
         member = mine & (hours >= lowest) & (hours < lowest + width)
         rows = np.searchsorted(keys_of_pairs, timeline.codes[member])
@@ -216,14 +214,20 @@ class VolumeSpike(Detector):
         sends_grid = np.bincount(cells, minlength=size).reshape(len(keys_of_pairs), width)
         recipients_grid = np.bincount(cells, weights=recipients[member], minlength=size).reshape(sends_grid.shape)
 
-        columns = (hour - lowest)[:, None] + np.arange(-BASELINE_HOURS, 0)[None, :]
+        # The HISTORY_HOURS before each judged hour; the key's first send among them (known hours).
+        span = (hour - lowest)[:, None] + np.arange(-HISTORY_HOURS, 0)[None, :]
+        known = span >= 0
+        sent_in = np.where(known, sends_grid[row[:, None], np.where(known, span, 0)], 0) > 0
+        first = np.where(sent_in.any(axis=1), sent_in.argmax(axis=1), HISTORY_HOURS)
+        history = HISTORY_HOURS - first
         # Hours before the key's first send are not zeros of its own: it did not exist yet (a new
         # key after a rotation), or they lie before the first fully known hour.
-        started = (columns + lowest >= first_send[row, None]) & (columns >= 0)
+        offsets = np.arange(HISTORY_HOURS - BASELINE_HOURS, HISTORY_HOURS)
+        columns = span[:, offsets]
+        started = (offsets[None, :] >= first[:, None]) & known[:, offsets]
         safe = np.where(started, columns, 0)
         hourly_sends = np.where(started, sends_grid[row[:, None], safe], 0)
         hourly_recipients = np.where(started, recipients_grid[row[:, None], safe], 0.0)
-        history = np.maximum(hour - first_send[row], 0)
         judged = history >= int(self.min_history.total_seconds() // 3600)
 
         median_s, mad_s = _median_mad(np.where(started, hourly_sends, np.nan), judged)

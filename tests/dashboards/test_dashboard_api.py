@@ -110,3 +110,67 @@ def test_loaders_give_the_same_frames_on_sqlite_and_postgresql(pg_database_url: 
                                       obj=fig)
     traffic = frames["sqlite"]["requests_over_time"]["frame"]
     assert int(traffic["count"].sum()) == len(rows)
+
+
+def test_aggregate_cache_computes_once_and_keeps_results_for_the_ttl_after_they_are_ready() -> None:
+    import threading
+
+    from api.frames import AggregateCache
+
+    now = [100.0]
+    cache = AggregateCache(ttl=15.0, clock=lambda: now[0])
+    calls: list[int] = []
+    release = threading.Event()
+
+    def slow() -> int:
+        calls.append(1)
+        # Meanwhile the clock passes the ttl: a computation still running must not be started again.
+        now[0] += 40
+        release.wait(5)
+        return len(calls)
+
+    results: list[int] = []
+    first = threading.Thread(target=lambda: results.append(cache.get("k", slow)))
+    first.start()
+    while not calls:
+        pass
+    others = [threading.Thread(target=lambda: results.append(cache.get("k", slow))) for _ in range(3)]
+    for t in others:
+        t.start()
+    release.set()
+    for t in [first, *others]:
+        t.join(5)
+    assert results == [1, 1, 1, 1] and len(calls) == 1
+    now[0] += 10
+    assert cache.get("k", slow) == 1  # 10 s after it was ready: still cached
+    now[0] += 10
+    assert cache.get("k", slow) == 2 and len(calls) == 2  # 20 s after: computed afresh
+
+    def broken() -> int:
+        raise RuntimeError("store down")
+
+    with pytest.raises(RuntimeError):
+        cache.get("x", broken)
+    assert cache.get("x", lambda: 7) == 7  # a failure is not kept
+
+
+@pytest.mark.parametrize("hours, grain", [(24, 900), (None, 3600)])
+def test_sqlite_column_scan_counts_what_the_sql_group_by_counts(demo_store, hours, grain) -> None:
+    from api.frames import _fold_entities
+
+    store = Store.open(demo_store.url)
+    try:
+        reader = FrameReader(store)
+        first, last = reader.stored_range()
+        since = last - timedelta(hours=hours) if hours else first
+        assert reader._sqlite_columns(since, last) is not None  # the fast path is the one measured
+        fast = reader._compute_aggregates(since, last, grain)
+        sql = _fold_entities(reader.traffic(since, last, grain), reader.per_entity(since, last), grain)
+    finally:
+        store.close()
+    pd.testing.assert_frame_equal(fast.traffic, sql.traffic)
+    assert int(fast.traffic["count"].sum()) == int(sql.ips["requests"].sum()) > 0
+    for name, keys in (("ips", ["source_ip"]), ("keys_accounts", ["api_key_id", "account"])):
+        a = getattr(fast, name).sort_values(keys).reset_index(drop=True)
+        b = getattr(sql, name).sort_values(keys).reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b, check_dtype=False, obj=name)

@@ -117,8 +117,8 @@ def test_score_distribution_shows_threshold_and_the_share_above_it() -> None:
     fig = figures.score_distribution(frame, threshold=0.8, label_name="IP named by an alert")
     names = {t.name: len(t.x) for t in fig.data}
     assert names == {"other windows": int((scores <= 0.85).sum()), "IP named by an alert": int((scores > 0.85).sum())}
-    share = float((scores >= 0.8).mean())
-    assert f"{share:.1%} of windows above" in fig.layout.annotations[0].text
+    above = int((scores >= 0.8).sum())
+    assert f"{above} of 121 windows ({above / 121:.2%}) at or above" in fig.layout.annotations[0].text
     assert fig.layout.shapes[0].x0 == 0.8
 
 

@@ -114,6 +114,7 @@ def test_report_on_the_demo_store(demo_store, tmp_path: Path) -> None:
     assert f"<td>{top_account}</td><td class=num>{int(failed.iloc[0]):,}</td>" in html
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--since", "yesterday"], "is not an ISO-8601 time"),
     (["--since", "2026-12-01T00:00:00Z", "--until", "2026-11-01T00:00:00Z"], "--since is after --until"),

@@ -263,6 +263,7 @@ def scan_kinds(plans: list[str]) -> dict[str, str]:
     return kinds
 
 
+@pytest.mark.slow
 def test_db_maintain_command_reports_and_rejects_bad_retention(tmp_path) -> None:
     import os
     import subprocess

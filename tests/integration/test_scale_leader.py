@@ -147,7 +147,7 @@ notify_seconds = 3600
         leader = procs[owners.pop()]
         follower = second if leader is first else first
         # Once per tick: never two runs at the same time, never more runs than ticks.
-        assert len(detect) >= 3
+        assert len(detect) >= 2, detect
         assert len(detect) <= (watched_until - both_up).total_seconds() / INTERVAL_S + 1
         for before, after in zip(detect, detect[1:]):
             assert after["started_at"] >= before["finished_at"]
@@ -170,10 +170,14 @@ notify_seconds = 3600
         # Its next tick after the lock was freed: within one interval, plus start-of-run slack.
         assert takeover <= 2 * INTERVAL_S, takeover
 
-        # Both followed the same file; every line is stored once.
-        time.sleep(2 * INTERVAL_S)
-        with store.engine.connect() as conn:
-            assert conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one() == written
+        # Both followed the same file; every line is stored once (the survivor reads the last lines).
+        deadline = time.monotonic() + 30
+        stored = -1
+        while time.monotonic() < deadline and stored != written:
+            with store.engine.connect() as conn:
+                stored = conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+            time.sleep(0.1)
+        assert stored == written, follower.output()
         later = [r for r in runs(store, "detect") if r["started_at"] > killed_at]
         assert {pid_of(r["owner"]) for r in later} == {follower.pid}
     finally:

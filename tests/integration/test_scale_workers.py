@@ -146,8 +146,9 @@ def test_four_workers_over_overlapping_files_store_each_event_once(pg_url: str, 
         first = pg_counts(store)
         assert first == (len(want_events), len(want_bad), len(files))
 
-        # A replay of everything by all four workers changes nothing.
-        outputs = run_all([start_worker([files[i] for i in share], pg_url, 250, tmp_path) for share in shares])
+        # A replay of everything, by two workers that overlap again, changes nothing.
+        replay = [[0, 1, 2, 3], [2, 3, 4, 5]]
+        outputs = run_all([start_worker([files[i] for i in share], pg_url, 250, tmp_path) for share in replay])
         assert pg_counts(store) == first
         assert stored(store)[0] == want_events
         assert all("events stored" in out for out in outputs)

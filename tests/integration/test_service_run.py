@@ -151,6 +151,12 @@ class Service:
     def output(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("service-*.out")))
 
+    def dump_stacks(self) -> None:
+        """On a hang: SIGABRT makes faulthandler (PYTHONFAULTHANDLER) print every thread's stack."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(10)
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -184,7 +190,6 @@ def _routes_toml(routes: list[dict[str, Any]]) -> str:
 def make_service(
     tmp_path: Path,
     database_url: str,
-    receiver: Receiver,
     routes: list[dict[str, Any]],
     urls: dict[str, str],
     notify_seconds: float = 1.0,
@@ -209,6 +214,7 @@ notify_seconds = {notify_seconds}
     } | {
         "MAILWARDEN_CONFIG": str(workdir / "mailwarden.toml"),
         "MAILWARDEN_PEPPER": "service-test-pepper",
+        "PYTHONFAULTHANDLER": "1",
         "FEISHU_SECRET": FEISHU_SECRET,
         "LARK_SECRET": LARK_SECRET,
         "DING_SECRET": DING_SECRET,
@@ -270,7 +276,10 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, service: Servi
         if value:
             return value
         if time.monotonic() > deadline:
-            detail = f"\n--- service output ---\n{service.output()[-4000:]}" if service else ""
+            detail = ""
+            if service is not None:
+                service.dump_stacks()
+                detail = f"\n--- service output ---\n{service.output()[-6000:]}"
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
         time.sleep(0.1)
 
@@ -337,7 +346,7 @@ def test_attack_lines_reach_every_signed_chat_within_10_seconds(
         (429, "slow down", {"Retry-After": "1"}),
     ]
     urls = {r["url_env"]: receiver.url(paths[r["name"]]) for r in SIGNED_ROUTES}
-    service = make_service(tmp_path, database_url, receiver, SIGNED_ROUTES, urls)
+    service = make_service(tmp_path, database_url, SIGNED_ROUTES, urls)
     service.start()
     try:
         service.append(normal_lines())
@@ -443,7 +452,7 @@ def test_sigkill_mid_detect_and_mid_delivery_loses_and_duplicates_nothing(
         # A 1 s timeout keeps the claim lease of a killed send short (4 x timeout + 10 s).
         {"name": "soc", "platform": "generic", "url_env": "SOC_URL", "secret_env": "WH_SECRET", "timeout": "1s"}
     ]
-    service = make_service(tmp_path, database_url, receiver, routes, {"SOC_URL": receiver.url(path)})
+    service = make_service(tmp_path, database_url, routes, {"SOC_URL": receiver.url(path)})
     service.start()
     try:
         service.append(normal_lines())

@@ -14,8 +14,8 @@ import pytest
 
 from detectors.features import conform_events
 from detectors.registry import DETECTORS, build_detectors
-from pipeline.jobs import merge_overlapping
 from pipeline.generate import API_FILE, DEFAULT_START, EDGE_FILE, LEGIT_PREFIX, SMTP_FILE, generate
+from pipeline.jobs import merge_overlapping
 from pipeline.parsers.base import ParseContext
 from pipeline.parsers.combined import CombinedParser
 from pipeline.parsers.jsonl import JsonLinesParser
