@@ -4,6 +4,7 @@ the dashboard and `mailwarden report` (figures stay pure; the queries live here)
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import time
 import weakref
@@ -22,6 +23,8 @@ from api.queries import AlertQuery, ApiQueries, as_utc, network_text_prefix, par
 from dashboards.figures import subnets_frame
 from pipeline.schema import Flag, Outcome
 from pipeline.store import Store, events
+
+log = logging.getLogger(__name__)
 
 # Bucket widths to choose from; the narrowest giving at most MAX_BUCKETS bars is used.
 BUCKETS = [60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400]
@@ -261,12 +264,17 @@ class FrameReader:
         # not be text); the seconds of `ts` are all a bucket needs.
         columns = ", ".join(f"coalesce({c}, '') AS {c}" for c in _SCANNED[1:])
         fmt = "%Y-%m-%d %H:%M:%S.%f"
-        with adbc.connect(f"file:{path}?mode=ro") as conn, conn.cursor() as cur:
-            cur.execute(
-                f"SELECT substr(ts, 1, 19) AS ts, {columns} FROM events WHERE ts >= ? AND ts <= ?",
-                (as_utc(since).strftime(fmt), as_utc(until).strftime(fmt)),
-            )
-            frame = pl.from_arrow(cur.fetch_arrow_table())
+        try:
+            with adbc.connect(f"file:{path}?mode=ro") as conn, conn.cursor() as cur:
+                cur.execute(
+                    f"SELECT substr(ts, 1, 19) AS ts, {columns} FROM events WHERE ts >= ? AND ts <= ?",
+                    (as_utc(since).strftime(fmt), as_utc(until).strftime(fmt)),
+                )
+                frame = pl.from_arrow(cur.fetch_arrow_table())
+        except Exception as exc:  # noqa: BLE001 - the SQL path below answers the same, only slower
+            log.warning("dashboard: columnar read of %s failed, using SQL instead: %s", path,
+                        str(exc).splitlines()[:1])
+            return None
         if frame.height == 0:
             return pl.DataFrame(schema={c: pl.String for c in _SCANNED})
         return frame.with_columns(pl.col(c).cast(pl.String) for c in _SCANNED)

@@ -143,11 +143,15 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def steady(base: str, paths: list[str], headers: dict[str, str], rate: float, seconds: float) -> tuple[list[float], int]:
-    """Open-loop load: request i leaves at t0 + i/rate; returns latencies and non-200 answers."""
+def steady(
+    base: str, paths: list[str], headers: dict[str, str], rate: float, seconds: float
+) -> tuple[list[float], int, dict[str, list[float]]]:
+    """Open-loop load: request i leaves at t0 + i/rate, the paths taken in turn; returns the
+    latencies, the number of non-200 answers and the latencies per path."""
     count = int(rate * seconds)
     client = httpx.Client(base_url=base, headers=headers, timeout=30)
     latencies: list[float] = []
+    by_path: dict[str, list[float]] = {p: [] for p in paths}
     errors = 0
     lock = threading.Lock()
     t0 = time.perf_counter() + 0.5
@@ -162,6 +166,7 @@ def steady(base: str, paths: list[str], headers: dict[str, str], rate: float, se
         elapsed = time.perf_counter() - t
         with lock:
             latencies.append(elapsed)
+            by_path[paths[i % len(paths)]].append(elapsed)
             errors += response.status_code != 200
 
     for warm in paths:  # first calls pay for imports and connection set-up
@@ -169,7 +174,11 @@ def steady(base: str, paths: list[str], headers: dict[str, str], rate: float, se
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(one, range(count)))
     client.close()
-    return latencies, errors
+    return latencies, errors, by_path
+
+
+def per_path(by_path: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {p: {"p50_ms": round(pct(v, 50) * 1000, 1), "p99_ms": round(pct(v, 99) * 1000, 1)} for p, v in by_path.items()}
 
 
 def ingest_rate(base: str, headers: dict[str, str], work: Path, batches: int = 20, per_batch: int = 10_000) -> dict:
@@ -289,8 +298,8 @@ def main() -> None:
             try:
                 alert_paths = ["/alerts", "/alerts?status=open&min_severity=high", "/alerts?detector=ip_burst&limit=100",
                                "/alerts?sort=-score&offset=500"]
-                lat, errors = steady(base, alert_paths, headers, args.rate, args.seconds)
-                results.append(summary("GET /alerts", lat, rate=args.rate, errors=errors))
+                lat, errors, by_path = steady(base, alert_paths, headers, args.rate, args.seconds)
+                results.append(summary("GET /alerts", lat, rate=args.rate, errors=errors, paths=per_path(by_path)))
                 print(json.dumps(results[-1]), flush=True)
                 first = START + timedelta(hours=9)
                 event_paths = [
@@ -300,8 +309,8 @@ def main() -> None:
                     "/events?outcome=auth_failed&limit=100",
                     "/events?ip=21.0.0.0/8&limit=50",
                 ]
-                lat, errors = steady(base, event_paths, headers, args.rate, args.seconds)
-                results.append(summary("GET /events", lat, rate=args.rate, errors=errors))
+                lat, errors, by_path = steady(base, event_paths, headers, args.rate, args.seconds)
+                results.append(summary("GET /events", lat, rate=args.rate, errors=errors, paths=per_path(by_path)))
                 print(json.dumps(results[-1]), flush=True)
                 results.append(ingest_rate(base, headers, work))
                 print(json.dumps(results[-1]), flush=True)

@@ -80,7 +80,7 @@ def free_port() -> int:
 def serve(sample: SampleStore, port: int) -> subprocess.Popen:
     env = {**os.environ, "MAILWARDEN_PEPPER": "mailwarden-sample-pepper", "MAILWARDEN_DATA_DIR": str(sample.folder / "state")}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port), "--database-url", sample.url],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(sample.folder / "serve.log", "w"))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -114,7 +114,8 @@ def first_load(browser, base_url: str, key: str, preset: str) -> dict:
             "() => { const r = performance.getEntriesByType('resource').find(e => e.name.includes('/alerts?'));"
             " return r ? Math.round(r.responseEnd) : null; }")
         figures = page.eval_on_selector_all(
-            "div.figure", "ds => ds.map(d => [d.dataset.figure, d.dataset.state, Number(d.dataset.points || 0)])")
+            "div.figure", "ds => ds.map(d => [d.dataset.figure, d.dataset.state, Number(d.dataset.points || 0),"
+            " d.dataset.state === 'failed' ? d.innerText : ''])")
         api_calls = page.evaluate(
             "() => performance.getEntriesByType('resource').filter(e => !e.name.includes('/static/'))"
             ".map(e => [new URL(e.name).pathname, Math.round(e.duration)])")
@@ -135,6 +136,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--store", type=Path, default=Path("/tmp/mailwarden-bench-dashboard"))
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--presets", default="86400,all", help="Range presets to time: seconds, or all.")
     args = parser.parse_args()
     if not Path(args.chromium).is_file():
         raise SystemExit(f"no Chromium at {args.chromium}")
@@ -155,7 +157,9 @@ def main() -> None:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu"])
             try:
-                for preset, name in (("86400", "last 24 hours (default)"), ("all", "everything stored")):
+                names = {"86400": "last 24 hours (default)", "all": "everything stored"}
+                for preset in args.presets.split(","):
+                    name = names.get(preset, f"last {preset} s")
                     runs = []
                     for _ in range(args.runs):
                         # Past the aggregate cache's lifetime: every run reads the database afresh.
@@ -174,6 +178,7 @@ def main() -> None:
                         "server_cpu_s": [round(r["server_cpu_s"], 2) for r in runs],
                         "load_average_1min": [round(r["load"], 1) for r in runs],
                         "figures_drawn_with_data": drawn,
+                        "failures": sorted({f[3] for r in runs for f in r["figures"] if f[1] != "ready"}),
                         "slowest_api_calls": sorted(runs[-1]["api_calls"], key=lambda c: -c[1])[:3],
                     }
                     print(json.dumps({name: results[name]}))

@@ -338,7 +338,7 @@ def main() -> None:
         _mount_subcommands()
         app(standalone_mode=False)
     except MailwardenError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

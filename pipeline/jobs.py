@@ -468,9 +468,10 @@ def read_revocation_file(path: str | os.PathLike[str]) -> list[tuple[str, dateti
     """Lines `KEY [TIME]` (raw key or fingerprint, optional ISO-8601 revocation time); blank lines
     and `#` comments are skipped. A bad line is a ConfigError naming file and line."""
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read revocation file {path}: {exc}") from None
+        raise ConfigError(f"cannot read revocation file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
@@ -863,8 +864,8 @@ def train_once(
     """Fit every enabled model detector on [since, until] (default: the last `days` stored) and
     store it with its feature list and scikit-learn version.
 
-    The windows already alerted on (any detector, any status but resolved-as-normal is not
-    distinguished) are left out, so an attack seen before is not learned as normal.
+    The windows already alerted on (by any detector, whatever their status) are left out of the
+    entities they name, so an attack seen before is not learned as normal.
     """
     import pickle
 
