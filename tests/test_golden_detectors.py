@@ -122,7 +122,15 @@ def check_alert(alert: Alert, want: dict[str, Any], where: str) -> None:
         assert evidence[key] == value, f"{where}: evidence[{key!r}] = {evidence[key]!r}, expected {value!r}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}/{c.name}" for c in CASES])
+# The model cases carry a day and a half of traffic for the forests to fit on: seconds each.
+_SLOW = {c for c in CASES if c.parent.name.startswith("iforest_")}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c in _SLOW else c for c in CASES],
+    ids=[f"{c.parent.name}/{c.name}" for c in CASES],
+)
 def test_golden_detector_case(case: Path) -> None:
     name = case.parent.name
     assert name in DETECTORS, f"no detector registered as {name!r}"

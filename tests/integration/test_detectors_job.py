@@ -61,6 +61,7 @@ def test_a_day_replayed_in_one_run_equals_the_day_run_as_96_ticks(tmp_path: Path
     assert shape(live) == found
 
 
+@pytest.mark.slow
 def test_two_detect_runs_never_duplicate_an_alert(database_url: str, corpus: Path) -> None:
     store, settings = loaded(database_url, corpus)
     try:
@@ -87,6 +88,7 @@ def flood_lines(start: datetime, minutes: int, per_minute: int) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_an_ongoing_flood_extends_one_alert_tick_after_tick(database_url: str, tmp_path: Path) -> None:
     """A 40-minute flood seen by a tick every 5 minutes: one ip_burst alert from the tick where it
     crossed the threshold, its window_end following the flood, never a second alert."""

@@ -133,6 +133,7 @@ def test_the_commands_revoke_detect_train_and_evaluate(attacked: Path, tmp_path:
     assert direct["overall"]["precision"] == report["overall"]["precision"]
 
 
+@pytest.mark.slow  # each case starts the CLI in a fresh interpreter
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -149,6 +150,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, args: tuple[str, 
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+@pytest.mark.slow
 def test_a_malformed_revocation_line_names_file_and_line(tmp_path: Path) -> None:
     listing = tmp_path / "revoked.txt"
     listing.write_text("# rotated keys\nmk_live_a 2026-11-03T10:00:00Z\nmk_live_b when it leaked\n")
