@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import ApiLimits, ApiState
-from api.middleware import AuditMiddleware, BodyLimitMiddleware
+from api.middleware import AuditMiddleware, BodyLimitMiddleware, install_access_log_redaction
 from api.routers import alerts, audit, dashboard, events, health, ingest, metrics, plots, silences, stats
 from pipeline.config import Settings, load_settings
 from pipeline.schema import StoreError
@@ -45,6 +45,7 @@ def create_app(
 ) -> FastAPI:
     """The API on `settings.database_url` (or on `store`, which the caller then owns and closes)."""
     settings = settings or load_settings()
+    install_access_log_redaction()
     owned = store is None
     store = store if store is not None else Store.open(settings.database_url)
     state = ApiState.build(settings, store, limits or ApiLimits())

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 
 from api.auth import client_address
+from pipeline.privacy import redact_text
 from api.deps import AUDIT_KEY, ApiState, AuditContext
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ class AuditMiddleware:
             )
             self.state.metrics.observe("mailwarden_api_request_duration_seconds", seconds, route=template)
             query = scope.get("query_string", b"").decode("latin-1")
-            path = scope.get("path", "") + (f"?{query}" if query else "")
+            # A key or password pasted into a query string must not come to rest in the audit table.
+            path = redact_text(scope.get("path", "") + (f"?{query}" if query else ""))
             entry = {
                 "ts": when,
                 "client_ip": ctx.client,
@@ -155,3 +157,21 @@ class BodyLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class RedactAccessLog(logging.Filter):
+    """Redacts secrets in the request line of uvicorn's access log, as the audit table does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn.access logs (client, method, path with query, http version, status).
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], redact_text(args[2]), *args[3:])
+        return True
+
+
+def install_access_log_redaction() -> None:
+    """Attach the redacting filter once to uvicorn's access logger (idempotent)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactAccessLog) for f in logger.filters):
+        logger.addFilter(RedactAccessLog())

@@ -158,10 +158,13 @@ def detect(
     """Run the detectors over stored events; time is taken from the data, not the clock."""
     from pipeline.jobs import detect_range
 
+    start, end = _parse_time(since, "since"), _parse_time(until, "until")
+    if start is not None and end is not None and start >= end:
+        raise MailwardenError(f"--since {since} is not before --until {until}")
     settings = _settings(database_url)
     store = Store.open(settings.database_url, read_url=settings.read_database_url)
     try:
-        summary = detect_range(store, settings, _parse_time(since, "since"), _parse_time(until, "until"))
+        summary = detect_range(store, settings, start, end)
         _apply_silences(store)
     finally:
         store.close()
@@ -255,6 +258,12 @@ def demo(
         files = sorted(str(p) for p in data_dir.iterdir() if p.suffix in (".log", ".jsonl") or p.name == "maillog")
         summary = ingest_paths(store, settings, files, "auto")
         _print_ingest_summary(summary, settings.database_url)
+        from pipeline.jobs import read_revocation_file, revoke_keys
+
+        revoked = data_dir / "revoked_keys.txt"  # the customer's revocations, as `keys revoke --file` loads them
+        if revoked.exists():
+            count = revoke_keys(store, read_revocation_file(revoked), settings.resolved_pepper(), "demo")
+            err.print(f"      {count} revoked key(s) loaded from {revoked.name}")
         err.print("[bold]3/4[/] detecting")
         found = detect_range(store, settings)
         err.print(f"      {found.alerts_found} alerts over {found.events:,} events in {found.seconds:.2f} s")
@@ -336,22 +345,51 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="mailwarden: %(levelname)s: %(message)s")
     try:
         _mount_subcommands()
-        app(standalone_mode=False)
+        # Without standalone mode typer hands back the code of an Exit (130 for Ctrl-C) instead of exiting.
+        code = app(standalone_mode=False)
+        if code == 130:
+            _interrupted()
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MailwardenError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        _interrupted()
+    except OSError as exc:
+        # A path that is missing, a directory, unwritable, or not what it should be: say which.
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        err.print(f"[red]error:[/] {exc.strerror or type(exc).__name__}{where}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
-        import click
+        _last_line_of_defence(exc)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, (click.exceptions.Exit,)):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
-        sys.exit(1)
+
+def _interrupted() -> None:
+    """Ctrl-C: what was committed stays (checkpoints move with their events), so a rerun resumes."""
+    err.print("interrupted: everything committed so far is kept; run the same command again to resume", soft_wrap=True)
+    sys.exit(130)
+
+
+def _last_line_of_defence(exc: Exception) -> None:
+    """Usage errors as click shows them, store errors and anything unexpected as one line.
+
+    typer vendors its own copy of click, so its exceptions are recognised by what they can do
+    (`show`, `exit_code`) and by name rather than by class.
+    """
+    kind = type(exc).__name__
+    if kind == "Abort":  # click turns Ctrl-C into Abort
+        _interrupted()
+    if kind == "Exit":
+        sys.exit(getattr(exc, "exit_code", 0))
+    if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+        exc.show()
+        sys.exit(exc.exit_code)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if isinstance(exc, SQLAlchemyError):
+        first = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        err.print(f"[red]error:[/] the store cannot be used: {first}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    err.print(f"[red]internal error:[/] {kind}: {exc}", highlight=False, soft_wrap=True)
+    sys.exit(1)

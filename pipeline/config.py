@@ -136,6 +136,10 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings with a one-line ConfigError instead of pydantic's multi-line report."""
+    named = os.environ.get(CONFIG_FILE_ENV)
+    if named and not Path(named).expanduser().is_file():
+        # A typo in the path would otherwise run silently on the defaults.
+        raise ConfigError(f"{CONFIG_FILE_ENV} names {named!r}, which is not a readable file")
     try:
         return Settings(**overrides)
     except ValidationError as exc:

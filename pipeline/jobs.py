@@ -152,13 +152,12 @@ class BatchIngester:
                 source.key, batch.path, ident.dev, ident.inode, ident.first_line_hash, batch.end_offset,
                 batch.next_line_no, source.probe_len, source.probe_hash,
             )
-        # Encoded here, on the parsing thread, while the writer still writes the previous batch.
-        encoded = self.store.encode_events(frame)
-        del frame
         self.wait()
         self.summary.lines_read += len(batch.lines)
         self.summary.reasons.update(q["reason"] for q in quarantined)
-        self._pending = self._writer.submit(self.store.write_batch, encoded, quarantined, cp)
+        # Encoding (Store.encode_events) stays on the writer thread: done on the parsing thread it
+        # stalled the scheduled detect job of `mailwarden run` (tests/integration/test_service_run.py).
+        self._pending = self._writer.submit(self.store.write_batch, frame, quarantined, cp)
 
     def wait(self) -> None:
         if self._pending is not None:

@@ -65,6 +65,7 @@ class Clock:
     tz: str
     reference_year: int
     reference_month: int
+    reference_day: int = 31
 
     @classmethod
     def from_context(cls, tz: str, reference_time: datetime) -> Clock:
@@ -75,7 +76,7 @@ class Clock:
         if reference_time.tzinfo is None:
             reference_time = reference_time.replace(tzinfo=timezone.utc)
         local = reference_time.astimezone(zone)
-        return cls(tz=tz, reference_year=local.year, reference_month=local.month)
+        return cls(tz=tz, reference_year=local.year, reference_month=local.month, reference_day=local.day)
 
 
 def split_lines(lines: pl.Series, clock: Clock, *, header: bool = True) -> pl.DataFrame:
@@ -203,10 +204,16 @@ def _stamp_parts(part: pl.DataFrame, kind: str, clock: Clock) -> pl.DataFrame:
     exprs: dict[str, pl.Expr] = {"kind": pl.lit(kind)}
     if kind == "bsd":
         # RFC 3164 stamps have no year: the line lies within the 12 months up to the reference,
-        # so a month after the reference month belongs to the previous year (a log across New Year).
+        # so a date after the reference date belongs to the previous year (a log across New Year,
+        # or an old log read today: Dec 30 read on Dec 4 is last year's). A day of slack allows
+        # for clocks and zones that differ a little from the reference.
         month = pl.col("mon").replace_strict(MONTHS, default=None, return_dtype=pl.Int32)
+        day = pl.col("day").str.strip_chars().cast(pl.Int32, strict=False)
+        later = (month > clock.reference_month) | (
+            (month == clock.reference_month) & (day > clock.reference_day + 1)
+        )
         year = (
-            pl.when(month > clock.reference_month)
+            pl.when(later)
             .then(pl.lit(clock.reference_year - 1))
             .otherwise(pl.lit(clock.reference_year))
         )

@@ -37,6 +37,8 @@ def read_stdin_batches(
     waiting for a full batch.
     """
     if stream is None:
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise SourceError("standard input is closed: nothing to read from '-'")
         stream = sys.stdin.buffer
     raw_read = _read_some(stream)
     start = raw_read(batch_bytes)

@@ -71,6 +71,29 @@ def test_wrong_key_is_401_and_audited(api) -> None:
     assert rows[1]["ts"] >= rows[0]["ts"]
 
 
+def test_secrets_in_query_strings_are_redacted_in_the_audit_table(api) -> None:
+    headers = api.key("alerts:read")
+    leaked_key, leaked_password = "SG.AuditLeak0123456789abcdef", "AuditPw999"
+    api.client.get(f"/alerts?limit=1&api_key={leaked_key}&password={leaked_password}", headers=headers)
+    path = api.audit_rows()[-1]["path"]
+    assert path.startswith("/alerts?limit=1&")
+    assert leaked_key not in path and leaked_password not in path
+    assert "api_key=REDACTED" in path and "password=REDACTED" in path
+
+
+def test_uvicorn_access_log_lines_are_redacted() -> None:
+    import logging
+
+    from api.middleware import RedactAccessLog
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", "/events?token=TOKLEAK777&ip=1.2.3.4", "1.1", 200), None)
+    assert RedactAccessLog().filter(record) is True
+    line = record.getMessage()
+    assert "TOKLEAK777" not in line
+    assert line == '127.0.0.1:5000 - "GET /events?token=REDACTED&ip=1.2.3.4 HTTP/1.1" 200'
+
+
 def test_revoked_key_is_refused(api) -> None:
     headers = api.key("alerts:read")
     key_id = split_key(headers["X-API-Key"])

@@ -54,7 +54,12 @@ def test_unknown_time_zone_is_a_config_error() -> None:
     [
         (datetime(2026, 1, 2, tzinfo=UTC), "Dec 31 23:00:00", 2025),  # later month: last year
         (datetime(2026, 1, 2, tzinfo=UTC), "Jan  1 23:00:00", 2026),
-        (datetime(2026, 1, 2, tzinfo=UTC), "Jan 30 23:00:00", 2026),  # same month stays this year
+        # A date after the reference (the file's last write, or now) cannot be this year's.
+        (datetime(2026, 1, 2, tzinfo=UTC), "Jan 30 23:00:00", 2025),
+        (datetime(2026, 12, 4, tzinfo=UTC), "Dec 30 10:00:00", 2025),
+        # One day of slack for clocks and zones a little ahead of the reference.
+        (datetime(2026, 1, 2, tzinfo=UTC), "Jan  3 12:00:00", 2026),
+        (datetime(2026, 12, 4, tzinfo=UTC), "Dec  4 10:00:00", 2026),
         (datetime(2026, 7, 15, tzinfo=UTC), "Aug  1 00:00:00", 2025),
         (datetime(2026, 7, 15, tzinfo=UTC), "Feb  1 00:00:00", 2026),
         # 23:30 UTC on Dec 31 is already January in Berlin: the local month decides.

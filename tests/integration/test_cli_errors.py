@@ -1,0 +1,118 @@
+"""The CLI under hostile use: Ctrl-C, closed stdin, unusable store paths, unknown options.
+
+Each must end with one clear line and a non-zero exit code, never a traceback, and an interrupted
+ingest must resume to the exact count.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.samples import write_combined_log
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "MAILWARDEN_PEPPER": "p", "COLUMNS": "200"}
+
+
+def _cli(*args: str, cwd: Path, stdin=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(), stdin=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_clear_line(done: subprocess.CompletedProcess, code: int, needle: str) -> None:
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    assert needle in done.stderr, done.stderr
+
+
+def _events(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_ingest_exits_130_and_a_rerun_completes_the_exact_count(tmp_path: Path) -> None:
+    log = write_combined_log(tmp_path / "big.log", 400_000)
+    db = tmp_path / "int.db"
+    cmd = [sys.executable, "-m", "pipeline", "ingest", str(log), "--database-url", f"sqlite:///{db}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupt once the first batches are committed, well before the end.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                if _events(db) > 0:
+                    break
+            except sqlite3.Error:
+                pass
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail("ingest finished before it could be interrupted; make the file bigger")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err + out
+    kept = _events(db)
+    assert 0 < kept < 400_000
+
+    rerun = _cli("ingest", str(log), "--database-url", f"sqlite:///{db}", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _events(db) == 400_000
+
+
+def test_closed_stdin_is_a_clear_error(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", "import os, sys; os.close(0); sys.stdin = None; "
+                           "sys.argv = ['mailwarden', 'ingest', '-']; from pipeline.cli import main; main()"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    _assert_one_clear_line(done, 2, "standard input is closed")
+
+
+@pytest.mark.parametrize(
+    ("database", "needle"),
+    [
+        ("{tmp}/a-file.log/x.db", "error:"),          # a parent that is a file
+        ("{tmp}/a-file.log", "the store cannot be used"),  # a file that is not a database
+        ("/proc/nope/x.db", "No such file or directory"),
+    ],
+)
+def test_unusable_sqlite_paths_are_one_line_errors(tmp_path: Path, database: str, needle: str) -> None:
+    (tmp_path / "a-file.log").write_text("not a database\n" * 10)
+    url = "sqlite:///" + database.format(tmp=tmp_path)
+    done = _cli("ingest", str(tmp_path / "a-file.log"), "--database-url", url, cwd=tmp_path)
+    _assert_one_clear_line(done, 2, needle)
+
+
+def test_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
+    done = _cli("alerts", "--since", "foo", cwd=tmp_path)
+    _assert_one_clear_line(done, 2, "No such option: --since")
+    assert "internal error" not in done.stderr
+
+
+def test_generate_into_an_existing_file_is_a_clear_error(tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.write_text("x")
+    done = _cli("generate", "--days", "1", "--out", str(target), cwd=tmp_path)
+    _assert_one_clear_line(done, 2, "error:")
+    assert "internal error" not in done.stderr
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
+    env = {**_env(), "MAILWARDEN_CONFIG": str(tmp_path / "nope.toml")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "alerts"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_clear_line(done, 2, "nope.toml")
+
+
+def test_detect_with_since_after_until_is_refused(tmp_path: Path) -> None:
+    done = _cli("detect", "--since", "2026-12-01", "--until", "2026-11-01", cwd=tmp_path)
+    _assert_one_clear_line(done, 2, "is not before --until")
