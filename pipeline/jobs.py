@@ -522,8 +522,8 @@ def _aware(value: Any) -> datetime:
 def load_frame(store: Store, since: datetime, until: datetime) -> pd.DataFrame:
     """Events with since <= ts <= until as the detectors' frame, sorted by (ts, event_id).
 
-    Columnar on both stores (Arrow from SQLite through ADBC, COPY from PostgreSQL): building a
-    Python row per event costs ten times what the whole detector pack does with the frame.
+    Columnar where it counts (blocks of raw sqlite3 rows into typed polars columns; COPY from
+    PostgreSQL): SQLAlchemy's per-row work cost ten times what the whole detector pack does.
     """
     frame: pl.DataFrame | None = None
     if store.dialect == "sqlite":
@@ -535,40 +535,37 @@ def load_frame(store: Store, since: datetime, until: datetime) -> pd.DataFrame:
     return _to_pandas(frame.sort(["ts", "event_id"]))
 
 
-_TEXT_COLUMNS = [c for c in DETECT_COLUMNS if EVENT_COLUMNS[c] == "str"]
 
 
 def _sqlite_frame(store: Store, since: datetime, until: datetime) -> pl.DataFrame | None:
-    path = store.engine.url.database
-    if not path or path == ":memory:":
-        return None
-    try:
-        import adbc_driver_sqlite.dbapi as adbc
-    except ImportError:  # the optional fast path; the SQLAlchemy one gives the same frame
-        return None
-    # ADBC types a column from its first rows: an all-null start would make a text column an
-    # integer one, so nulls travel as '' and negative durations and come back as nulls below.
-    select = ", ".join(
-        [f"coalesce({c}, '') AS {c}" if c in _TEXT_COLUMNS else c for c in DETECT_COLUMNS if c != "duration_ms"]
-        + ["coalesce(duration_ms, -1.0) AS duration_ms"]
-    )
+    """The detection columns of a range, read through the store's own stdlib sqlite3 connection.
+
+    Rows are fetched in blocks and turned into typed polars columns, skipping SQLAlchemy's
+    per-row work. Deliberately not through a second SQLite library (an ADBC driver bundles its
+    own): two copies of SQLite in one process do not see each other's POSIX locks, and closing
+    one deleted the WAL file of a live `mailwarden run`, losing its later commits for every
+    other process.
+    """
+    schema = polars_schema()
+    read_as = {c: (pl.String if c == "ts" else schema[c]) for c in DETECT_COLUMNS}
     fmt = "%Y-%m-%d %H:%M:%S.%f"
-    with adbc.connect(f"file:{path}?mode=ro") as conn, conn.cursor() as cur:
-        cur.execute(
-            f"SELECT {select} FROM events WHERE ts >= ? AND ts <= ?",
+    raw = store.read_engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(
+            f"SELECT {', '.join(DETECT_COLUMNS)} FROM events WHERE ts >= ? AND ts <= ?",
             (_utc(since).strftime(fmt), _utc(until).strftime(fmt)),
         )
-        frame = pl.from_arrow(cur.fetch_arrow_table())
-    if frame.height == 0:  # no rows to type the columns by: the schema's types
-        schema = polars_schema()
+        blocks = []
+        while rows := cursor.fetchmany(200_000):
+            blocks.append(pl.DataFrame(rows, schema=read_as, orient="row"))
+        cursor.close()
+    finally:
+        raw.close()
+    if not blocks:
         return pl.DataFrame(schema={c: schema[c] for c in DETECT_COLUMNS})
+    frame = pl.concat(blocks, rechunk=True)
     return frame.with_columns(
-        *[pl.col(c).cast(pl.String) for c in _TEXT_COLUMNS],
-        *[pl.col(c).cast(pl.Int64) for c in DETECT_COLUMNS if EVENT_COLUMNS[c] == "int"],
-        pl.col("duration_ms").cast(pl.Float64),
-    ).with_columns(
-        *[pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in _TEXT_COLUMNS if c != "ts"],
-        pl.when(pl.col("duration_ms") < 0).then(None).otherwise(pl.col("duration_ms")).alias("duration_ms"),
         pl.col("ts").str.slice(0, 26).str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", time_zone="UTC", strict=False),
     )
 

@@ -132,6 +132,7 @@ class Service:
         from detectors.registry import build_detectors
 
         build_detectors(self.settings.detectors)
+        _import_heavy_modules()
         for source in self.settings.sources:
             thread = threading.Thread(
                 target=follow_paths,
@@ -163,3 +164,21 @@ class Service:
         self.leader.release_all()
         for thread in self._followers:
             thread.join(10)
+
+
+def _import_heavy_modules() -> None:
+    """Import what the jobs import lazily, once, before any job thread starts.
+
+    Two threads importing the same package for the first time can deadlock on CPython's
+    per-module import locks (seen with pandas' narwhals plugins between a detect and a train
+    job); importing it all here, on one thread, leaves the jobs nothing to import.
+    """
+    import importlib
+
+    for name in ("numpy", "pandas", "polars", "pyarrow", "sklearn.ensemble", "narwhals.stable.v2",
+                 "detectors.models", "pipeline.notify", "pipeline.evaluate"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # optional pieces; the job that needs one reports it
+            log.debug("could not pre-import %s", name)
+
