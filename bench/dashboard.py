@@ -155,7 +155,9 @@ def main() -> None:
     results = {}
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu"])
+            browser = pw.chromium.launch(executable_path=args.chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync"])
             try:
                 names = {"86400": "last 24 hours (default)", "all": "everything stored"}
                 for preset in args.presets.split(","):

@@ -137,8 +137,12 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Settings with a one-line ConfigError instead of pydantic's multi-line report."""
     named = os.environ.get(CONFIG_FILE_ENV)
-    if named and not Path(named).expanduser().is_file():
-        # A typo in the path would otherwise run silently on the defaults.
+    candidate = Path(named).expanduser() if named else None
+    if candidate is not None and (
+        not candidate.exists() or candidate.is_dir() or not os.access(candidate, os.R_OK)
+    ):
+        # A typo in the path would otherwise run silently on the defaults; /dev/null
+        # (an empty configuration, used by tests and scripts) stays allowed.
         raise ConfigError(f"{CONFIG_FILE_ENV} names {named!r}, which is not a readable file")
     try:
         return Settings(**overrides)

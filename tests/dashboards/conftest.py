@@ -17,6 +17,10 @@ import pytest
 from pipeline.demo_store import SampleStore, make_demo_key, sample_store
 from pipeline.store import Store
 
+# Without the background-networking flags Chromium keeps dialling out, and this closed network
+# refuses every attempt.
+BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 CHROMIUM = os.environ.get("MAILWARDEN_TEST_CHROMIUM", "/usr/bin/chromium")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -95,7 +99,7 @@ def chromium(chromium_binary: str) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium_binary, args=["--no-sandbox", "--disable-gpu"])
+        browser = pw.chromium.launch(executable_path=chromium_binary, args=BROWSER_FLAGS)
         try:
             yield browser
         finally:

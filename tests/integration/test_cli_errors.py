@@ -113,6 +113,18 @@ def test_a_missing_config_file_is_named(tmp_path: Path) -> None:
     _assert_one_clear_line(done, 2, "nope.toml")
 
 
+def test_a_config_directory_is_refused_but_dev_null_is_an_empty_config(tmp_path: Path) -> None:
+    env = {**_env(), "MAILWARDEN_CONFIG": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "alerts"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_clear_line(done, 2, "not a readable file")
+    env = {**_env(), "MAILWARDEN_CONFIG": "/dev/null"}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "alerts"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "0 alerts" in done.stdout
+
+
 def test_detect_with_since_after_until_is_refused(tmp_path: Path) -> None:
     done = _cli("detect", "--since", "2026-12-01", "--until", "2026-11-01", cwd=tmp_path)
     _assert_one_clear_line(done, 2, "is not before --until")
