@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -129,6 +130,10 @@ def serve(
         )
     settings = _settings(database_url)
     app = create_app(settings)
+    # Count the dashboard's default range while uvicorn starts, so the first page load is quick.
+    from api.frames import warm_overview
+
+    threading.Thread(target=warm_overview, args=(app.state.api.store,), name="dashboard-warm", daemon=True).start()
     scheme = "https" if tls else "http"
     err.print(f"mailwarden API on {scheme}://{host}:{port} (docs at /docs)")
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the previous

@@ -79,18 +79,20 @@ class AuditContext:
     detail: str | None = None
 
 
-def get_state(request: Request) -> ApiState:
+# The dependencies that only look things up are `async def`: FastAPI runs a plain `def` dependency
+# in its thread pool, and six such hops per request were most of a light request's latency.
+async def get_state(request: Request) -> ApiState:
     return request.app.state.api
 
 
 StateDep = Annotated[ApiState, Depends(get_state)]
 
 
-def get_store(state: StateDep) -> Store:
+async def get_store(state: StateDep) -> Store:
     return state.store
 
 
-def get_queries(state: StateDep) -> ApiQueries:
+async def get_queries(state: StateDep) -> ApiQueries:
     return state.queries
 
 
@@ -154,7 +156,7 @@ def require(scope: Scope) -> Callable[..., Principal]:
     """A dependency admitting only keys with `scope` (403 otherwise); one function per scope, so
     FastAPI runs each check once per request however many places declare it."""
 
-    def check(request: Request, principal: PrincipalDep) -> Principal:
+    async def check(request: Request, principal: PrincipalDep) -> Principal:
         if not principal.allows(scope):
             ctx = audit_context(request)
             ctx.outcome, ctx.detail = "forbidden", f"missing scope {scope.value}"

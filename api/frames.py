@@ -238,17 +238,69 @@ class FrameReader:
         return cache_for(self.store).get(key, lambda: self._compute_aggregates(span.since, span.until, grain))
 
     def _compute_aggregates(self, since: datetime, until: datetime, grain: int) -> RangeAggregates:
-        scanned = self._sqlite_columns(since, until) if self.store.dialect == "sqlite" else None
-        if scanned is not None:
-            return _aggregates_of(scanned, grain)
+        if self.store.dialect == "sqlite":
+            counted = self._sqlite_counts(since, until, grain)
+            if counted is not None:
+                return _finish_counts(*counted, grain)
         # Two scans, one after the other. Measured on SQLite with a day of 180,000 events on two
         # cores: side by side on their own connections they took 1.4 s, in a row 0.6 s (each new
         # connection starts with an empty page cache, and the cores are busy with the page anyway).
         return _fold_entities(self.traffic(since, until, grain), self.per_entity(since, until), grain)
 
+    def _sqlite_counts(self, since: datetime, until: datetime, grain: int) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+        """The overview's counts over [since, until], each whole clock hour inside the range taken
+        from the hour cache while that hour's event count is unchanged.
+
+        Counts are sums, so the range's counts are the sums of its pieces' counts: a ragged piece at
+        each end read fresh, whole hours read once and kept. Reopening the dashboard, moving the
+        range by a few minutes or the next refresh then reads only the hours that changed (the
+        current one, a backfilled one) instead of the whole day (0.4 s of a first load's 0.8 s of
+        server time with a day of 180,000 events).
+        """
+        hours = _whole_hours(since, until)
+        pieces: list[tuple[datetime, datetime, bool]] = []
+        if not hours:
+            pieces.append((since, until, True))
+        else:
+            if since < hours[0]:
+                pieces.append((since, hours[0], False))
+            tail_start = hours[-1] + HOUR
+            pieces.append((tail_start, until, True))
+        cache = hour_cache_for(self.store)
+        traffic: list[pl.DataFrame] = []
+        entities: list[pl.DataFrame] = []
+        try:
+            raw = self.engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                for lo, hi, closed in pieces:
+                    if lo > hi or (lo == hi and not closed):
+                        continue
+                    part = _partial_counts(_read_columns(cursor, lo, hi, closed), grain)
+                    traffic.append(part[0])
+                    entities.append(part[1])
+                for hour in hours:
+                    end = hour + HOUR
+                    cursor.execute("SELECT count(*) FROM events WHERE ts >= ? AND ts < ?",
+                                   (_ts_text(hour), _ts_text(end)))
+                    n = int(cursor.fetchone()[0])
+                    part = cache.get((hour, grain), n)
+                    if part is None:
+                        part = _partial_counts(_read_columns(cursor, hour, end, False), grain)
+                        cache.put((hour, grain), n, part)
+                    traffic.append(part[0])
+                    entities.append(part[1])
+                cursor.close()
+            finally:
+                raw.close()
+        except Exception as exc:  # noqa: BLE001 - the SQL path answers the same, only slower
+            log.warning("dashboard: columnar read failed, using SQL instead: %s", str(exc).splitlines()[:1])
+            return None
+        return _merge_counts(traffic, entities)
+
     def _sqlite_columns(self, since: datetime, until: datetime) -> pl.DataFrame | None:
-        """The six columns the overview counts, read through the store's own SQLite connection and
-        counted in polars (None when the read fails: the SQL path then answers the same).
+        """The six columns the overview counts over [since, until], read through the store's own
+        SQLite connection (None when the read fails).
 
         SQLite's GROUP BY sorts every row of the range: with a million events the two scans cost
         about 6 s of CPU, against about 2 s for reading the columns and counting them in polars.
@@ -256,29 +308,18 @@ class FrameReader:
         library in the same process (an ADBC driver carries its own) breaks SQLite's POSIX locks,
         and closing it deleted a live writer's WAL file, losing that process's later commits.
         """
-        columns = ", ".join(_SCANNED[1:])
-        fmt = "%Y-%m-%d %H:%M:%S.%f"
         try:
             raw = self.engine.raw_connection()
             try:
                 cursor = raw.cursor()
-                cursor.execute(
-                    f"SELECT substr(ts, 1, 19) AS ts, {columns} FROM events WHERE ts >= ? AND ts <= ?",
-                    (as_utc(since).strftime(fmt), as_utc(until).strftime(fmt)),
-                )
-                rows = cursor.fetchall()
+                frame = _read_columns(cursor, since, until, True)
                 cursor.close()
             finally:
                 raw.close()
-        except Exception as exc:  # noqa: BLE001 - the SQL path below answers the same, only slower
-            log.warning("dashboard: columnar read failed, using SQL instead: %s", str(exc).splitlines()[:1])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("dashboard: columnar read failed: %s", str(exc).splitlines()[:1])
             return None
-        schema = {c: pl.String for c in _SCANNED}
-        if not rows:
-            return pl.DataFrame(schema=schema)
-        frame = pl.DataFrame(rows, schema=schema, orient="row")
-        # The SQL path counts a missing value as '' (its coalesce); keep both paths equal.
-        return frame.with_columns(pl.col(c).fill_null("") for c in _SCANNED[1:])
+        return frame
 
     def traffic(self, since: datetime, until: datetime, grain: int) -> pd.DataFrame:
         """Events per (bucket of `grain` seconds, outcome, service): bucket, outcome, service, count."""
@@ -482,19 +523,144 @@ class FrameReader:
 _SCANNED = ("ts", "outcome", "service", "source_ip", "api_key_id", "account")
 
 
-def _aggregates_of(frame: pl.DataFrame, grain: int) -> RangeAggregates:
-    """The overview's aggregates counted from the scanned columns, equal to what the SQL path gives."""
-    blank = pl.lit(None, dtype=pl.String)
+HOUR = timedelta(hours=1)
+_TS_TEXT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _ts_text(value: datetime) -> str:
+    # How the store writes SQLite timestamps (UTC text), so text comparison is time comparison.
+    return as_utc(value).strftime(_TS_TEXT)
+
+
+def _whole_hours(since: datetime, until: datetime) -> list[datetime]:
+    """The starts of the clock hours lying wholly inside [since, until], oldest first."""
+    first = as_utc(since).replace(minute=0, second=0, microsecond=0)
+    if first < as_utc(since):
+        first += HOUR
+    out = []
+    while first + HOUR <= as_utc(until):
+        out.append(first)
+        first += HOUR
+    return out
+
+
+def _read_columns(cursor: Any, since: datetime, until: datetime, closed: bool) -> pl.DataFrame:
+    """The scanned columns of the events in [since, until] (or [since, until) when not `closed`),
+    missing values as '' (the SQL path counts a missing value as '' too, through its coalesce)."""
+    columns = ", ".join(_SCANNED[1:])
+    upper = "<=" if closed else "<"
+    cursor.execute(
+        f"SELECT substr(ts, 1, 19) AS ts, {columns} FROM events WHERE ts >= ? AND ts {upper} ?",
+        (_ts_text(since), _ts_text(until)),
+    )
+    rows = cursor.fetchall()
+    schema = {c: pl.String for c in _SCANNED}
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    return frame.with_columns(pl.col(c).fill_null("") for c in _SCANNED[1:])
+
+
+class HourCache:
+    """Counted pieces of whole clock hours, each kept with the hour's event count when counted.
+
+    A piece is served only while the hour still holds that many events: events are only ever
+    added (a late or backfilled line) or dropped with whole days (retention), and either changes
+    the count. Bounded by memory: the least recently stored pieces go first.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: dict[Any, tuple[int, Any, int]] = {}
+        self._bytes = 0
+
+    def get(self, key: Any, count: int) -> Any:
+        with self._lock:
+            entry = self._entries.get(key)
+        return entry[1] if entry is not None and entry[0] == count else None
+
+    def put(self, key: Any, count: int, value: tuple[pl.DataFrame, ...]) -> None:
+        size = sum(int(frame.estimated_size()) for frame in value)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            while self._entries and self._bytes + size > self.max_bytes:
+                self._bytes -= self._entries.pop(next(iter(self._entries)))[2]
+            self._entries[key] = (count, value, size)
+            self._bytes += size
+
+
+_HOUR_CACHES: weakref.WeakKeyDictionary[Store, HourCache] = weakref.WeakKeyDictionary()
+
+
+def hour_cache_for(store: Store) -> HourCache:
+    with _CACHES_LOCK:
+        cache = _HOUR_CACHES.get(store)
+        if cache is None:
+            cache = _HOUR_CACHES[store] = HourCache()
+        return cache
+
+
+def warm_overview(store: Store, span: timedelta = timedelta(hours=24)) -> None:
+    """Count the dashboard's default range (the last 24 hours of stored data) into the hour
+    cache, so the first page load after a start reads only the hours that change."""
+    started = time.perf_counter()
+    try:
+        reader = FrameReader(store)
+        stored = reader.stored_range()
+        if stored is None:
+            return
+        since = max(stored[0], stored[1] - span)
+        reader.aggregates(Span(since, stored[1]))
+    except Exception as exc:  # noqa: BLE001 - warming is an optimisation; a page load reads what it needs
+        log.info("dashboard warm-up skipped: %s", str(exc).splitlines()[:1])
+        return
+    log.info("dashboard warm-up: %.1f s", time.perf_counter() - started)
+
+
+def _partial_counts(frame: pl.DataFrame, grain: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Counts of one piece of a range: (bucket, outcome, service, count) and (source_ip, api_key_id,
+    account, requests, failures, auth_failures), missing values still ''."""
     seconds = pl.col("ts").str.to_datetime("%Y-%m-%d %H:%M:%S", time_unit="us", time_zone="UTC").dt.epoch("s")
     traffic = (
-        frame.with_columns(
-            bucket=seconds - seconds % grain,
+        frame.with_columns(bucket=seconds - seconds % grain)
+        .group_by(["bucket", "outcome", "service"])
+        .agg(count=pl.len())
+    )
+    outcome = pl.col("outcome")
+    entities = frame.group_by(["source_ip", "api_key_id", "account"]).agg(
+        requests=pl.len(),
+        # A missing outcome is not a failure, as `outcome != 'ok'` is not true for NULL in SQL.
+        failures=((outcome != "ok") & (outcome != "")).sum(),
+        auth_failures=(outcome == Outcome.AUTH_FAILED.value).sum(),
+    )
+    return traffic, entities
+
+
+def _merge_counts(traffic: list[pl.DataFrame], entities: list[pl.DataFrame]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    counts = ["requests", "failures", "auth_failures"]
+    t = pl.concat(traffic, how="vertical_relaxed").group_by(["bucket", "outcome", "service"]).agg(pl.col("count").sum())
+    e = pl.concat(entities, how="vertical_relaxed").group_by(["source_ip", "api_key_id", "account"]).agg(
+        pl.col(c).sum() for c in counts
+    )
+    return t, e
+
+
+def _finish_counts(traffic_pl: pl.DataFrame, entities_pl: pl.DataFrame, grain: int) -> RangeAggregates:
+    """The counted pieces shaped as the SQL path shapes its answer."""
+    blank = pl.lit(None, dtype=pl.String)
+    traffic = (
+        traffic_pl.with_columns(
             # As coalesce(outcome, 'unknown') in the SQL path.
             outcome=pl.when(pl.col("outcome") == "").then(pl.lit("unknown")).otherwise(pl.col("outcome")),
             service=pl.when(pl.col("service") == "").then(pl.lit("unknown")).otherwise(pl.col("service")),
         )
         .group_by(["bucket", "outcome", "service"])
-        .agg(count=pl.len())
+        .agg(pl.col("count").sum())
         .sort(["bucket", "outcome", "service"])
         .to_pandas()
     )
@@ -503,22 +669,19 @@ def _aggregates_of(frame: pl.DataFrame, grain: int) -> RangeAggregates:
         outcome=traffic["outcome"].astype("string"), service=traffic["service"].astype("string"),
         count=traffic["count"].astype("int64"),
     )
-    outcome = pl.col("outcome")
     entities = (
-        frame.group_by(["source_ip", "api_key_id", "account"])
-        .agg(
-            requests=pl.len(),
-            # A missing outcome is not a failure, as `outcome != 'ok'` is not true for NULL in SQL.
-            failures=((outcome != "ok") & (outcome != "")).sum(),
-            auth_failures=(outcome == Outcome.AUTH_FAILED.value).sum(),
-        )
-        .with_columns(pl.when(pl.col(c) == "").then(blank).otherwise(pl.col(c)).alias(c)
-                      for c in ("source_ip", "api_key_id", "account"))
+        entities_pl.with_columns(pl.when(pl.col(c) == "").then(blank).otherwise(pl.col(c)).alias(c)
+                                 for c in ("source_ip", "api_key_id", "account"))
         .to_pandas()
     )
     entities = entities.astype({"source_ip": "string", "api_key_id": "string", "account": "string",
                                 "requests": "int64", "failures": "int64", "auth_failures": "int64"})
     return _fold_entities(traffic, entities, grain)
+
+
+def _aggregates_of(frame: pl.DataFrame, grain: int) -> RangeAggregates:
+    """The overview's aggregates counted from the scanned columns, equal to what the SQL path gives."""
+    return _finish_counts(*_partial_counts(frame, grain), grain)
 
 
 def _fold_entities(traffic: pd.DataFrame, entities: pd.DataFrame, grain: int) -> RangeAggregates:

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from api.auth import KeyRing  # noqa: E402
+from pipeline.scheduler import TRAIN_WATERMARK  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.jobs import ingest_paths  # noqa: E402
 from pipeline.samples import write_combined_log  # noqa: E402
@@ -255,6 +256,15 @@ def line_to_chat(url: str, work: Path, trials: int) -> list[float]:
             time.sleep(0.05)
         if "198.19.0.1" not in Hooks.seen:
             raise SystemExit(f"no warm-up chat message in 300 s: {(work / 'server.err').read_text()[-2000:]}")
+        # The start-up training (one fit over the whole stored history, in its own thread) may
+        # still be running: it competes with detect for the two cores. Wait for its watermark.
+        store = Store.open(url)
+        try:
+            while store.get_watermark(TRAIN_WATERMARK) is None and time.perf_counter() < deadline:
+                time.sleep(0.2)
+        finally:
+            store.close()
+        time.sleep(2)
         for i in range(trials):
             time.sleep(rng.uniform(0, 2))  # a random phase of the 2 s detect tick
             ip = f"198.18.{i // 250}.{i % 250 + 1}"

@@ -174,3 +174,44 @@ def test_sqlite_column_scan_counts_what_the_sql_group_by_counts(demo_store, hour
         a = getattr(fast, name).sort_values(keys).reset_index(drop=True)
         b = getattr(sql, name).sort_values(keys).reset_index(drop=True)
         pd.testing.assert_frame_equal(a, b, check_dtype=False, obj=name)
+
+
+def test_hour_cache_serves_unchanged_hours_and_recounts_an_hour_that_gained_an_event(demo_copy) -> None:
+    """Whole hours are counted once and kept; an event added to one of them (a late line) makes
+    that hour counted again, and the answer always equals the SQL GROUP BY's."""
+    from api.frames import _fold_entities, _whole_hours, hour_cache_for
+    from pipeline.store import events
+
+    store = Store.open(demo_copy.url)
+    try:
+        reader = FrameReader(store)
+        first, last = reader.stored_range()
+        since = last - timedelta(hours=20, minutes=17, seconds=3)  # ragged at both ends
+        hours = _whole_hours(since, last)
+        assert len(hours) == 19 and hours[0] > since and hours[-1] + timedelta(hours=1) <= last
+
+        def both() -> tuple:
+            fast = reader._compute_aggregates(since, last, 900)
+            sql = _fold_entities(reader.traffic(since, last, 900), reader.per_entity(since, last), 900)
+            return fast, sql
+
+        fast, sql = both()
+        pd.testing.assert_frame_equal(fast.traffic, sql.traffic)
+        cache = hour_cache_for(store)
+        assert len(cache._entries) == 19
+        kept = {k: v[1] for k, v in cache._entries.items()}
+
+        late = hours[5] + timedelta(minutes=30)
+        with store.engine.begin() as conn:
+            conn.execute(events.insert().values(event_id="late-line-1", ts=late, source_ip="198.51.100.77",
+                                                outcome="auth_failed", service="smtp"))
+        fast2, sql2 = both()
+        pd.testing.assert_frame_equal(fast2.traffic, sql2.traffic)
+        assert int(fast2.traffic["count"].sum()) == int(fast.traffic["count"].sum()) + 1
+        row = fast2.ips[fast2.ips["source_ip"] == "198.51.100.77"]
+        assert row[["requests", "auth_failures"]].values.tolist() == [[1, 1]]
+        # Only the hour that gained the event was counted again.
+        changed = [k for k, v in cache._entries.items() if v[1] is not kept[k]]
+        assert changed == [(hours[5], 900)]
+    finally:
+        store.close()
