@@ -149,8 +149,8 @@ def mailwarden_env(work: Path, url: str) -> dict:
         MAILWARDEN_DATABASE_URL=url,
         MAILWARDEN_PEPPER=PEPPER,
         MAILWARDEN_DATA_DIR=str(work / "mailwarden-data"),
-        # A config file that does not exist: no stray mailwarden.toml changes what is measured.
-        MAILWARDEN_CONFIG=str(work / "no-such-mailwarden.toml"),
+        # An empty configuration: no stray mailwarden.toml changes what is measured.
+        MAILWARDEN_CONFIG=os.devnull,
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     )
     return env

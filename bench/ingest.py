@@ -53,7 +53,7 @@ print(json.dumps({"seconds": time.perf_counter() - wall, "cpu_seconds": time.pro
 def run_once(url: str, log: Path) -> dict:
     load = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-c", RUN_ONE, url, str(log)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "MAILWARDEN_CONFIG": "/nonexistent/mailwarden.toml"})
+                          cwd=ROOT, env={**os.environ, "MAILWARDEN_CONFIG": "/dev/null"})
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise SystemExit(f"ingest into {url.split('@')[-1]} failed: {tail[0]}")
