@@ -83,6 +83,45 @@ def identify(path: str | os.PathLike[str]) -> FileIdentity | None:
         raise SourceError(f"cannot read {os.fspath(path)}: {e.strerror or e}") from None
 
 
+class LenientGzip:
+    """`read(n)` over a gzip stream (one or more members) that hands out everything that can be
+    decompressed before raising EOFError for a stream cut short.
+
+    GzipFile.read(n) raises EOFError for a truncated stream and drops whatever it had decompressed
+    in that call: with the multi-megabyte reads used here, a truncated copy of a log read as empty.
+    """
+
+    def __init__(self, f: BinaryIO, raw_chunk: int = 1 << 20):
+        self._f, self._raw_chunk = f, raw_chunk
+        self._d = zlib.decompressobj(wbits=31)
+        self._buf = bytearray()
+        self._ended = False
+        self._truncated = False
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) < n and not self._ended:
+            raw = self._f.read(self._raw_chunk)
+            if not raw:
+                self._ended = True
+                self._truncated = not self._d.eof
+                return
+            self._buf += self._d.decompress(raw)
+            while self._d.eof and self._d.unused_data:
+                rest = self._d.unused_data
+                if not rest.strip(b"\0"):
+                    break  # zero padding after the last member, as gzip(1) allows
+                self._d = zlib.decompressobj(wbits=31)
+                self._buf += self._d.decompress(rest)
+
+    def read(self, n: int) -> bytes:
+        self._fill(n)
+        if not self._buf and self._truncated:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+
 def _identify_open(f: BinaryIO, *, allow_partial: bool) -> tuple[FileIdentity | None, bool, bytes]:
     """Identify an open file from its start: (identity, is_gzip, probe). Moves the file position."""
     st = os.fstat(f.fileno())
@@ -90,7 +129,7 @@ def _identify_open(f: BinaryIO, *, allow_partial: bool) -> tuple[FileIdentity | 
     is_gzip = f.read(2) == GZIP_MAGIC
     f.seek(0)
     if is_gzip:
-        gz = gzip.GzipFile(fileobj=f, mode="rb")
+        gz = LenientGzip(f)
         try:
             first = read_first_line(gz.read, allow_partial=allow_partial)
         except EOFError:
@@ -164,7 +203,7 @@ def read_stream(
 
 
 def _read_gzip(f: BinaryIO, name: str, batcher: Batcher, start_offset: int, chunk: int) -> Iterator[LineBatch]:
-    gz = gzip.GzipFile(fileobj=f, mode="rb")
+    gz = LenientGzip(f)
     splitter = LineSplitter(start_offset)
     try:
         # Resuming a gzip means decompressing and dropping what was already ingested.
@@ -199,8 +238,13 @@ def read_prefix(path: str | os.PathLike[str], size: int) -> bytes:
         with open(path, "rb") as f:
             if f.read(2) == GZIP_MAGIC:
                 f.seek(0)
-                with gzip.GzipFile(fileobj=f, mode="rb") as gz:
-                    return gz.read(size)
+                gz, out = LenientGzip(f), bytearray()
+                try:
+                    while len(out) < size and (data := gz.read(size - len(out))):
+                        out += data
+                except EOFError:
+                    pass  # a truncated copy: its readable start still tells what it is
+                return bytes(out)
             f.seek(0)
             return f.read(size)
     except (OSError, *_GZIP_ERRORS) as e:

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.schema import ConfigError, MailwardenError
+from pipeline.sources.files import read_prefix
 from pipeline.sources import (
     FileIdentity,
     LineBatch,
@@ -314,14 +315,19 @@ def test_resume_past_the_end_reads_nothing(tmp_path: Path) -> None:
     assert list(read_batches(path, start_offset=len(data) + 100)) == []
 
 
-def test_truncated_gzip_keeps_complete_lines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_bytes", [4096, None], ids=["small-reads", "default-reads"])
+def test_truncated_gzip_keeps_complete_lines(tmp_path: Path, batch_bytes: int | None) -> None:
+    # With reads larger than the whole file (the default), GzipFile.read used to raise EOFError
+    # and drop everything it had decompressed: a truncated copy then read as empty.
     data = LONG_FIRST + b"".join(f"{i:06d} {os.urandom(8).hex()}\n".encode() for i in range(20_000))
     compressed = gzip.compress(data)
     path = tmp_path / "x.log.gz"
     path.write_bytes(compressed[: len(compressed) // 2])
-    got = flatten(list(read_batches(path, batch_bytes=4096)))
-    assert 0 < len(got) < 20_001
+    got = flatten(list(read_batches(path, **({"batch_bytes": batch_bytes} if batch_bytes else {}))))
+    assert 5_000 < len(got) < 20_001
     assert got == reference_split(data)[: len(got)]
+    assert identify(path) is not None
+    assert read_prefix(path, 100) == data[:100]
 
 
 def test_corrupt_gzip_is_a_source_error(tmp_path: Path) -> None:
