@@ -110,8 +110,20 @@ def _print_ingest_summary(summary, store_url: str) -> None:
     table.add_row("quarantined", f"{summary.quarantined:,}")
     for reason, count in summary.reasons.most_common(8):
         table.add_row("", f"{count:,} × {reason}")
+    if summary.forgotten_events or summary.forgotten_quarantined:
+        table.add_row("replaced (--reread)", f"{summary.forgotten_events:,} events and "
+                      f"{summary.forgotten_quarantined:,} quarantined lines from the earlier read")
     table.add_row("speed", f"{summary.lines_per_second:,.0f} lines/s ({summary.seconds:.2f} s)")
     out.print(table)
+    for path in summary.unchanged[:5]:
+        err.print(f"{path}: already read to its end, nothing new (--reread reads it again from the start)")
+    if len(summary.unchanged) > 5:
+        err.print(f"… and {len(summary.unchanged) - 5} more files with nothing new")
+    if summary.lines_read >= 10 and summary.quarantined * 2 > summary.lines_read:
+        err.print(
+            f"[yellow]warning:[/] {summary.quarantined:,} of {summary.lines_read:,} lines did not parse and were "
+            "quarantined (reasons above): check --format (auto sniffs it), then run again with --reread."
+        )
 
 
 @app.command()
@@ -119,11 +131,16 @@ def ingest(
     paths: Annotated[list[str], typer.Argument(help="Files, globs, .gz files, or - for stdin.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, combined, json or smtp-auth.")] = "auto",
     follow: Annotated[bool, typer.Option("--follow", help="Keep reading appended lines (through rotation).")] = False,
+    reread: Annotated[bool, typer.Option(
+        "--reread", help="Replace what earlier reads of these files stored (events, quarantined lines) and "
+        "read them again from the start, e.g. after reading them with the wrong --format.")] = False,
     database_url: DatabaseOption = None,
 ) -> None:
     """Parse log files into the store, exactly once: re-running adds nothing, a killed run resumes."""
     from pipeline.jobs import follow_paths, ingest_paths
 
+    if reread and (follow or "-" in paths):
+        raise MailwardenError("--reread goes with files: standard input and --follow have no earlier read to replace")
     settings = _settings(database_url)
     store = Store.open(settings.database_url)
     try:
@@ -143,7 +160,7 @@ def ingest(
                 watcher.join(10)
             return
         with _progress(sys.stderr.isatty()) as hook:
-            summary = ingest_paths(store, settings, paths, fmt, progress=hook)
+            summary = ingest_paths(store, settings, paths, fmt, progress=hook, reread=reread)
         _print_ingest_summary(summary, settings.database_url)
     finally:
         store.close()

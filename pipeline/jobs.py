@@ -102,14 +102,21 @@ class IngestSummary:
     reasons: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    # Files read before, to their end: nothing new in them this time.
+    unchanged: list[str] = field(default_factory=list)
+    # --reread: what the earlier reads of the files had stored, removed before reading them again.
+    forgotten_events: int = 0
+    forgotten_quarantined: int = 0
 
     @property
     def lines_per_second(self) -> float:
         return self.lines_read / self.seconds if self.seconds > 0 else 0.0
 
     def add(self, other: IngestSummary) -> None:
-        for name in ("files", "files_skipped", "lines_read", "events_stored", "duplicates", "quarantined"):
+        for name in ("files", "files_skipped", "lines_read", "events_stored", "duplicates", "quarantined",
+                     "forgotten_events", "forgotten_quarantined"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.unchanged.extend(other.unchanged)
         self.reasons.update(other.reasons)
         self.formats.update(other.formats)
 
@@ -256,8 +263,13 @@ def ingest_paths(
     patterns: list[str],
     fmt: str = "auto",
     progress: ProgressHook | None = None,
+    reread: bool = False,
 ) -> IngestSummary:
-    """Read each file from its checkpoint to its end, exactly once across restarts."""
+    """Read each file from its checkpoint to its end, exactly once across restarts.
+
+    `reread`: first remove what earlier reads of each file stored (its events, quarantined lines
+    and checkpoint), then read it from the start, as after a first read with the wrong format.
+    """
     started = time.perf_counter()
     summary = IngestSummary()
     if fmt != "auto":
@@ -272,7 +284,7 @@ def ingest_paths(
                 _ingest_stdin(ingester, settings, fmt, summary)
                 continue
             for path in expand_paths([pattern]):
-                _ingest_file(ingester, store, settings, path, fmt, summary, progress)
+                _ingest_file(ingester, store, settings, path, fmt, summary, progress, reread)
     finally:
         try:
             ingester.close()
@@ -309,6 +321,7 @@ def _ingest_file(
     fmt: str,
     summary: IngestSummary,
     progress: ProgressHook | None,
+    reread: bool = False,
 ) -> None:
     identity = identify(path)
     summary.files += 1
@@ -317,14 +330,23 @@ def _ingest_file(
         return
     ingester.wait()  # the previous file's checkpoint must be visible to tell the two apart
     source, cp = resolve_source(store, path, identity)
+    if reread and cp is not None:
+        gone, bad = store.forget_source(source.key)
+        summary.forgotten_events += gone
+        summary.forgotten_quarantined += bad
+        cp = None
     start, line_no = (cp.byte_offset, cp.line_no) if cp else (0, 1)
     parser, name = choose_parser(fmt, _sample_lines(path), settings, _file_reference_time(path))
     summary.formats[name if parser else "unrecognised"] += 1
     total = _size_hint(path)
+    batches = 0
     for batch in read_batches(path, start_offset=start, start_line=line_no, batch_lines=settings.batch_lines):
+        batches += 1
         ingester.submit(batch, parser, name, source)
         if progress:
             progress(path, batch.end_offset, total)
+    if cp is not None and not batches:
+        summary.unchanged.append(path)
     if progress:
         progress(path, total, total)
 

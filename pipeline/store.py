@@ -233,6 +233,26 @@ class Store:
             row.probe_len, row.probe_hash,
         )
 
+    def forget_source(self, source_key: str) -> tuple[int, int]:
+        """Undo what reading one file stored: its events, its quarantined lines, and its checkpoint
+        (back to the start), in one transaction. Returns (events, quarantined lines) removed.
+
+        For a file read with the wrong format: reading it again afterwards stores it as if new. A
+        crash after this commit loses nothing, since the checkpoint now says to read it from the start.
+        """
+        # Event ids are the key's first 24 hex digits and a 16-digit offset: one id range per file,
+        # all ids the same length and alphanumeric, so the range is the same under any collation.
+        prefix = source_key[:24]
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                events.delete().where(events.c.event_id.between(prefix + "0" * 16, prefix + "9" * 16))
+            ).rowcount
+            bad = conn.execute(quarantine.delete().where(quarantine.c.source_key == source_key)).rowcount
+            conn.execute(
+                checkpoints.update().where(checkpoints.c.source_key == source_key).values(byte_offset=0, line_no=1)
+            )
+        return int(gone or 0), int(bad or 0)
+
     # ---- bulk writes -------------------------------------------------------------------------
     def encode_events(self, frame: pl.DataFrame) -> EncodedEvents:
         """Turn an events frame into what this store's bulk path sends (no database access).

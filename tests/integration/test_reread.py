@@ -1,0 +1,77 @@
+"""--reread: a file first read with the wrong format is replaced, not added to, on both stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from pipeline.config import load_settings
+from pipeline.jobs import ingest_paths
+from pipeline.samples import write_combined_log
+from pipeline.store import Store, checkpoints, events, quarantine
+
+
+def _counts(store: Store) -> tuple[int, int, int]:
+    with store.engine.connect() as conn:
+        n_events = conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one()
+        n_bad = conn.execute(sa.select(sa.func.count()).select_from(quarantine)).scalar_one()
+        offset = conn.execute(sa.select(sa.func.max(checkpoints.c.byte_offset))).scalar_one()
+    return int(n_events), int(n_bad), int(offset or 0)
+
+
+def test_reread_replaces_a_wrong_format_read_and_keeps_other_files(database_url: str, tmp_path: Path) -> None:
+    wrong = tmp_path / "api.log"
+    other = tmp_path / "other.log"
+    write_combined_log(wrong, 3_000, seed=4)
+    write_combined_log(other, 1_000, seed=5)
+    settings = load_settings(database_url=database_url, pepper="t", data_dir=tmp_path / "state")
+    store = Store.open(database_url)
+    try:
+        ingest_paths(store, settings, [str(other)], "combined")
+        first = ingest_paths(store, settings, [str(wrong)], "json")  # the wrong format
+        assert first.events_stored == 0 and first.quarantined == 3_000
+        assert _counts(store) == (1_000, 3_000, os.path.getsize(wrong))
+
+        again = ingest_paths(store, settings, [str(wrong)], "combined")  # checkpointed: nothing to read
+        assert again.lines_read == 0 and again.unchanged == [str(wrong)]
+
+        fixed = ingest_paths(store, settings, [str(wrong)], "combined", reread=True)
+        assert (fixed.forgotten_events, fixed.forgotten_quarantined) == (0, 3_000)
+        assert fixed.events_stored == 3_000 and fixed.quarantined == 0
+        assert _counts(store) == (4_000, 0, os.path.getsize(wrong))
+
+        # Reread once more: the file's own events are replaced, the other file's stay.
+        twice = ingest_paths(store, settings, [str(wrong)], "combined", reread=True)
+        assert (twice.forgotten_events, twice.events_stored, twice.duplicates) == (3_000, 3_000, 0)
+        assert _counts(store)[:2] == (4_000, 0)
+    finally:
+        store.close()
+
+
+def test_cli_says_when_a_file_has_nothing_new_and_warns_on_a_mostly_quarantined_read(tmp_path: Path) -> None:
+    log = tmp_path / "api.log"
+    write_combined_log(log, 200, seed=2)
+    env = {**os.environ, "MAILWARDEN_PEPPER": "t", "MAILWARDEN_CONFIG": os.devnull, "COLUMNS": "200",
+           "MAILWARDEN_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", "ingest", *args, str(log)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    wrong = cli("--format", "json")
+    assert wrong.returncode == 0, wrong.stderr
+    assert "200 of 200 lines did not parse" in wrong.stderr and "--reread" in wrong.stderr
+    same = cli("--format", "combined")
+    assert same.returncode == 0 and "already read to its end, nothing new" in same.stderr
+    fixed = cli("--format", "combined", "--reread")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "0 events and 200 quarantined lines" in fixed.stdout
+    assert "did not parse" not in fixed.stderr
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "ingest", "--reread", "-"], cwd=tmp_path, env=env,
+                             input="", capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--reread goes with files" in refused.stderr
+    assert "Traceback" not in refused.stderr
