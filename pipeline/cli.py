@@ -119,9 +119,14 @@ def _print_ingest_summary(summary, store_url: str) -> None:
         err.print(f"{path}: already read to its end, nothing new (--reread reads it again from the start)")
     if len(summary.unchanged) > 5:
         err.print(f"… and {len(summary.unchanged) - 5} more files with nothing new")
-    if summary.lines_read >= 10 and summary.quarantined * 2 > summary.lines_read:
+    # A mail log's other lines (queue, delivery, connects) are quarantined as "not an authentication
+    # event" by design: they parsed, and say nothing about the format chosen.
+    from pipeline.parsers.smtp_auth import NOT_AUTH
+
+    unparsed = summary.quarantined - summary.reasons.get(NOT_AUTH, 0)
+    if summary.lines_read >= 10 and unparsed * 2 > summary.lines_read:
         err.print(
-            f"[yellow]warning:[/] {summary.quarantined:,} of {summary.lines_read:,} lines did not parse and were "
+            f"[yellow]warning:[/] {unparsed:,} of {summary.lines_read:,} lines did not parse and were "
             "quarantined (reasons above): check --format (auto sniffs it), then run again with --reread."
         )
 

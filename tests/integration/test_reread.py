@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,19 @@ def test_cli_says_when_a_file_has_nothing_new_and_warns_on_a_mostly_quarantined_
                              input="", capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--reread goes with files" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_mail_log_of_mostly_non_auth_lines_is_not_called_the_wrong_format(tmp_path: Path) -> None:
+    log = tmp_path / "mail.log"
+    queue = "Nov  2 10:00:{:02d} mx postfix/qmgr[812]: 4F1A2B{:04d}: from=<a@example.org>, size=1200, nrcpt=1 (queue active)\n"
+    failed = "Nov  2 10:01:{:02d} mx postfix/smtpd[990]: warning: unknown[203.0.113.9]: SASL LOGIN authentication failed: UGFzc3dvcmQ6\n"
+    log.write_text("".join(queue.format(i % 60, i) for i in range(40)) + "".join(failed.format(i) for i in range(5)))
+    env = {**os.environ, "MAILWARDEN_PEPPER": "t", "MAILWARDEN_CONFIG": os.devnull, "COLUMNS": "200",
+           "MAILWARDEN_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "ingest", "--format", "smtp-auth", str(log)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "40 × not an authentication event" in done.stdout
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        assert db.execute("SELECT count(*), min(outcome), max(outcome) FROM events").fetchone() == (5, "auth_failed", "auth_failed")
+    assert "did not parse" not in done.stderr
