@@ -153,13 +153,17 @@ _CACHES: weakref.WeakKeyDictionary[Store, AggregateCache] = weakref.WeakKeyDicti
 _CACHES_LOCK = threading.Lock()
 
 
-def cache_for(store: Store) -> AggregateCache:
+def _per_store(caches: weakref.WeakKeyDictionary, store: Store, make: Callable[[], Any]) -> Any:
     """One cache per store (so per app), without touching the app's state."""
     with _CACHES_LOCK:
-        cache = _CACHES.get(store)
+        cache = caches.get(store)
         if cache is None:
-            cache = _CACHES[store] = AggregateCache()
+            cache = caches[store] = make()
         return cache
+
+
+def cache_for(store: Store) -> AggregateCache:
+    return _per_store(_CACHES, store, AggregateCache)
 
 
 class FrameReader:
@@ -598,11 +602,7 @@ _HOUR_CACHES: weakref.WeakKeyDictionary[Store, HourCache] = weakref.WeakKeyDicti
 
 
 def hour_cache_for(store: Store) -> HourCache:
-    with _CACHES_LOCK:
-        cache = _HOUR_CACHES.get(store)
-        if cache is None:
-            cache = _HOUR_CACHES[store] = HourCache()
-        return cache
+    return _per_store(_HOUR_CACHES, store, HourCache)
 
 
 def warm_overview(store: Store, span: timedelta = timedelta(hours=24)) -> None:
