@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -116,7 +117,7 @@ def _print_ingest_summary(summary, store_url: str) -> None:
     table.add_row("speed", f"{summary.lines_per_second:,.0f} lines/s ({summary.seconds:.2f} s)")
     out.print(table)
     for path in summary.unchanged[:5]:
-        err.print(f"{path}: already read to its end, nothing new (--reread reads it again from the start)")
+        err.print(f"{escape(path)}: already read to its end, nothing new (--reread reads it again from the start)", highlight=False)
     if len(summary.unchanged) > 5:
         err.print(f"… and {len(summary.unchanged) - 5} more files with nothing new")
     # A mail log's other lines (queue, delivery, connects) are quarantined as "not an authentication
@@ -184,6 +185,9 @@ def detect(
     if start is not None and end is not None and start >= end:
         raise MailwardenError(f"--since {since} is not before --until {until}")
     settings = _settings(database_url)
+    from detectors.registry import build_detectors
+
+    build_detectors(settings.detectors)  # a typo in [detectors] fails now, even with nothing stored yet
     store = Store.open(settings.database_url, read_url=settings.read_database_url)
     try:
         summary = detect_range(store, settings, start, end)
@@ -374,14 +378,14 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except MailwardenError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, however long
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line, however long
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted()
     except OSError as exc:
         # A path that is missing, a directory, unwritable, or not what it should be: say which.
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        err.print(f"[red]error:[/] {exc.strerror or type(exc).__name__}{where}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc.strerror or type(exc).__name__) + where)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
         _last_line_of_defence(exc)
@@ -411,7 +415,7 @@ def _last_line_of_defence(exc: Exception) -> None:
 
     if isinstance(exc, SQLAlchemyError):
         first = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        err.print(f"[red]error:[/] the store cannot be used: {first}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] the store cannot be used: {escape(first)}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    err.print(f"[red]internal error:[/] {kind}: {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[red]internal error:[/] {kind}: {escape(str(exc))}", highlight=False, soft_wrap=True)
     sys.exit(1)

@@ -128,3 +128,13 @@ def test_a_config_directory_is_refused_but_dev_null_is_an_empty_config(tmp_path:
 def test_detect_with_since_after_until_is_refused(tmp_path: Path) -> None:
     done = _cli("detect", "--since", "2026-12-01", "--until", "2026-11-01", cwd=tmp_path)
     _assert_one_clear_line(done, 2, "is not before --until")
+
+
+def test_a_misspelt_detector_fails_detect_even_before_anything_is_stored(tmp_path: Path) -> None:
+    config = tmp_path / "mailwarden.toml"
+    config.write_text("[detectors.ip_brust]\nthreshold = 5\n")
+    env = {**_env(), "MAILWARDEN_CONFIG": str(config)}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "detect", "--database-url", f"sqlite:///{tmp_path / 'e.db'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    # The brackets are the message's, not markup to be swallowed.
+    _assert_one_clear_line(done, 2, "unknown detector(s) ip_brust in [detectors]")
