@@ -215,3 +215,22 @@ def test_hour_cache_serves_unchanged_hours_and_recounts_an_hour_that_gained_an_e
         assert changed == [(hours[5], 900)]
     finally:
         store.close()
+
+
+def test_a_range_of_years_is_read_in_one_piece_not_hour_by_hour(demo_copy) -> None:
+    """A store whose events span decades (yearless syslog dated this year beside a 2004 log) must
+    not turn one page load into a count query per hour of those decades."""
+    from api.frames import MAX_CACHED_SPAN, _fold_entities, hour_cache_for
+
+    store = Store.open(demo_copy.url)
+    try:
+        reader = FrameReader(store)
+        first, last = reader.stored_range()
+        since = last - timedelta(days=22 * 365)
+        assert last - since > MAX_CACHED_SPAN
+        fast = reader._compute_aggregates(since, last, 3600)
+        assert len(hour_cache_for(store)._entries) == 0
+        sql = _fold_entities(reader.traffic(since, last, 3600), reader.per_entity(since, last), 3600)
+        pd.testing.assert_frame_equal(fast.traffic, sql.traffic)
+    finally:
+        store.close()
