@@ -10,9 +10,11 @@ import polars as pl
 REDACTED = "REDACTED"
 
 # Query parameters whose value is a credential. Mail APIs and their SDKs use all of these.
+# A separator may come percent-encoded (`api%5Fkey`): clients encode more than they must.
+_SEP = "(?:[_-]|%5[Ff]|%2[Dd])"
 SECRET_PARAMS = (
-    "api[_-]?key|apikey|key|token|access[_-]?token|refresh[_-]?token|id[_-]?token|auth|"
-    "authorization|password|passwd|pwd|pass|secret|client[_-]?secret|sig|signature|x-api-key"
+    f"api{_SEP}?key|apikey|key|token|access{_SEP}?token|refresh{_SEP}?token|id{_SEP}?token|auth|"
+    f"authorization|password|passwd|pwd|pass|secret|client{_SEP}?secret|sig|signature|x{_SEP}api{_SEP}key"
 )
 _SECRET_QUERY = rf"(?i)([?&;](?:{SECRET_PARAMS})=)[^&;#\s]+"
 _USERINFO = r"(//)[^/@\s:]+:[^/@\s]+@"  # https://user:pass@host/...
@@ -65,11 +67,26 @@ def normalise_path_expr(url: pl.Expr) -> pl.Expr:
     return redacted.str.replace_all(_ID_SEGMENT, "/{id}${1}").str.replace_all(_ID_SEGMENT, "/{id}${1}")
 
 
-# Free text (a quarantined line may be anything): `name=value`, `"name": "value"`, `name: value`
-# for every secret-looking name, bearer tokens, and key shapes of the big mail providers.
-_FREE_SECRET = rf"""(?i)(["']?\b(?:{SECRET_PARAMS})["']?\s*[=:]\s*["'<(]?)[^\s"'&;,<>)]+"""
+# Free text (a quarantined line may be anything): `name=value` and `"name": "value"` for every
+# secret-looking name, header lines, bearer tokens, SMTP/IMAP AUTH exchanges (base64 of user and
+# password), and the key shapes of the big mail providers and of this product. An unquoted
+# `name: value` is left alone (syslog's "dovecot: auth: Debug:" is not a secret) except for the
+# password names (PASSWORD_FIELD) and credential headers.
+_FREE_SECRET = (
+    rf"""(?i)((?:["'](?:{SECRET_PARAMS})["']\s*[=:]|\b(?:{SECRET_PARAMS})\s*=)\s*["'<(]?)[^\s"'&;,<>)]+"""
+)
+_HEADER_SECRET = r"(?i)(\b(?:x-api-key|api-key|x-auth-token|authorization|proxy-authorization|cookie)\s*:\s*)[^\s\"',;]+"
 _BEARER = r"(?i)(\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}"
-_KEY_SHAPES = r"\b(?:SG\.[\w-]{16,}\.[\w-]{16,}|key-[0-9a-f]{32}|mw_(?:live|test)_[A-Za-z0-9]{16,})"
+# `AUTH PLAIN dXNlcgBwYXNz`, IMAP `a1 AUTHENTICATE PLAIN …`, Dovecot's auth debug `resp=<base64>`.
+_AUTH_EXCHANGE = r"(?i)(\bauth(?:enticate)?\s+(?:plain|login|xoauth2|oauthbearer|cram-md5)\s+|\bresp=)[A-Za-z0-9+/=_-]{4,}"
+_KEY_SHAPES = (
+    r"\b(?:SG\.[\w-]{16,}\.[\w-]{16,}|key-[0-9a-f]{32}|mw_(?:live|test)_[A-Za-z0-9]{16,}"
+    r"|(?:sk|pk|rk|mk|ak)_(?:live|test)_[A-Za-z0-9]{12,}|mwk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}"
+    r"|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}|gh[pousr]_[A-Za-z0-9]{30,})"
+)
+# A quoted field that is one long token (no spaces, slashes or colons: not a user agent, a URL or a
+# date) is what a custom log_format's `"$http_x_api_key"` looks like when the line did not parse.
+_QUOTED_TOKEN = r'"[A-Za-z0-9_.+=-]{24,}"'
 # Dovecot can log the tried password ("given password: x", Dovecot 2.4 `password=x`); never keep it.
 PASSWORD_FIELD = r"(?i)(\b(?:password|passwd|pass|pwd)\s*[=:]\s*<?)[^\s,>&;)]+"
 
@@ -79,8 +96,12 @@ def redact_text_expr(text: pl.Expr) -> pl.Expr:
     return (
         redact_expr(text)
         .str.replace_all(_BEARER, "${1}" + REDACTED)
+        .str.replace_all(_AUTH_EXCHANGE, "${1}" + REDACTED)
+        .str.replace_all(_HEADER_SECRET, "${1}" + REDACTED)
         .str.replace_all(_FREE_SECRET, "${1}" + REDACTED)
+        .str.replace_all(PASSWORD_FIELD, "${1}" + REDACTED)
         .str.replace_all(_KEY_SHAPES, REDACTED)
+        .str.replace_all(_QUOTED_TOKEN, '"' + REDACTED + '"')
     )
 
 
