@@ -46,6 +46,7 @@ from pipeline.sources import (
     read_prefix,
     read_stdin_batches,
 )
+from pipeline.sources.lines import GZIP_MAGIC
 from pipeline.store import Checkpoint, Store
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,47 @@ def resolve_source(store: Store, path: str, identity: Any) -> tuple[SourceKey, C
         return SourceKey(key, cp.probe_len, cp.probe_hash), cp
     head = read_prefix(path, PROBE_BYTES)
     return SourceKey(key, len(head), _sha(head)), cp
+
+
+def reopen_unterminated_tail(store: Store, path: str, source_key: str, cp: Checkpoint | None) -> Checkpoint | None:
+    """The checkpoint to resume from, moved back to the start of the last line read when that line
+    had no terminator yet and the file has grown since (its writer was mid-line when it was read).
+
+    A finished file's last line is read even without a newline; if more bytes arrive after it, the
+    line it was part of is read again whole, replacing what was stored for its first part, instead of
+    its rest being stored as a line of its own. The byte before a checkpoint is a newline unless the
+    last line read was unterminated, so one byte tells.
+    """
+    if cp is None or cp.byte_offset <= 0:
+        return cp
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) == GZIP_MAGIC or os.fstat(f.fileno()).st_size <= cp.byte_offset:
+                return cp  # a gzip is a finished file; an unchanged file has nothing to repair
+            f.seek(cp.byte_offset - 1)
+            if f.read(1) == b"\n":
+                return cp
+            start = _line_start(f, cp.byte_offset - 1)
+    except OSError:
+        return cp  # the read that follows reports an unreadable file
+    line_no = max(cp.line_no - 1, 1)
+    if not store.rewind_checkpoint(source_key, cp.byte_offset, start, line_no, event_ids(source_key, [start])[0]):
+        return store.get_checkpoint(source_key)  # another worker moved it meanwhile
+    log.info("%s: its last line was read before it was finished; reading it again from byte %d", path, start)
+    return dataclasses.replace(cp, byte_offset=start, line_no=line_no)
+
+
+def _line_start(f: Any, pos: int, chunk: int = 64 << 10) -> int:
+    """Offset of the start of the line holding byte `pos` (after the previous newline, or 0)."""
+    end = pos
+    while end > 0:
+        begin = max(0, end - chunk)
+        f.seek(begin)
+        found = f.read(end - begin).rfind(b"\n")
+        if found >= 0:
+            return begin + found + 1
+        end = begin
+    return 0
 
 
 def _sha(data: bytes) -> str:
@@ -330,6 +372,7 @@ def _ingest_file(
         return
     ingester.wait()  # the previous file's checkpoint must be visible to tell the two apart
     source, cp = resolve_source(store, path, identity)
+    cp = reopen_unterminated_tail(store, path, source.key, cp)
     if reread and cp is not None:
         gone, bad = store.forget_source(source.key)
         summary.forgotten_events += gone
@@ -388,6 +431,7 @@ def follow_paths(
 
         def checkpoint_of(identity: Any) -> tuple[int, int] | None:
             source, cp = resolve_source(store, path, identity)
+            cp = reopen_unterminated_tail(store, path, source.key, cp)
             sources[identity.key] = source
             return (cp.byte_offset, cp.line_no) if cp else None
 

@@ -233,6 +233,25 @@ class Store:
             row.probe_len, row.probe_hash,
         )
 
+    def rewind_checkpoint(self, source_key: str, seen_offset: int, to_offset: int, to_line: int, row_id: str) -> bool:
+        """Move a file's checkpoint back to `to_offset` and drop the event or quarantined line whose
+        id is `row_id` (the line that starts there), in one transaction; only while the checkpoint is
+        still at `seen_offset`. Returns whether it moved.
+
+        For a last line that was read before its writer finished it: the next read takes the whole
+        line again, and a crash right after this commit only means that line is read again.
+        """
+        with self.engine.begin() as conn:
+            moved = conn.execute(
+                checkpoints.update()
+                .where(checkpoints.c.source_key == source_key, checkpoints.c.byte_offset == seen_offset)
+                .values(byte_offset=to_offset, line_no=to_line)
+            ).rowcount
+            if moved:
+                conn.execute(events.delete().where(events.c.event_id == row_id))
+                conn.execute(quarantine.delete().where(quarantine.c.quarantine_id == row_id))
+        return bool(moved)
+
     def forget_source(self, source_key: str) -> tuple[int, int]:
         """Undo what reading one file stored: its events, its quarantined lines, and its checkpoint
         (back to the start), in one transaction. Returns (events, quarantined lines) removed.

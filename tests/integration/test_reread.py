@@ -92,3 +92,40 @@ def test_a_mail_log_of_mostly_non_auth_lines_is_not_called_the_wrong_format(tmp_
     with sqlite3.connect(tmp_path / "m.db") as db:
         assert db.execute("SELECT count(*), min(outcome), max(outcome) FROM events").fetchone() == (5, "auth_failed", "auth_failed")
     assert "did not parse" not in done.stderr
+
+
+def _line(i: int, status: int = 200) -> str:
+    return f'198.51.100.{i} - - [02/Nov/2026:10:00:{i:02d} +0000] "GET /v3/stats?n={i} HTTP/1.1" {status} 5 "-" "t"\n'
+
+
+def test_a_last_line_read_before_its_writer_finished_is_read_again_whole(database_url: str, tmp_path: Path) -> None:
+    """Found by a fresh-user trial: half a line, ingested, then its rest appended, ended as two
+    quarantined pieces. Now the second read takes the whole line again and replaces the first piece."""
+    log = tmp_path / "live.log"
+    whole = _line(9, 401)
+    log.write_text(_line(1) + _line(2) + whole[:40])  # the writer is mid-line
+    settings = load_settings(database_url=database_url, pepper="t", data_dir=tmp_path / "state")
+    store = Store.open(database_url)
+    try:
+        first = ingest_paths(store, settings, [str(log)], "combined")
+        assert (first.lines_read, first.events_stored, first.quarantined) == (3, 2, 1)
+        with log.open("a") as f:
+            f.write(whole[40:] + _line(10))
+        second = ingest_paths(store, settings, [str(log)], "combined")
+        assert (second.lines_read, second.events_stored, second.quarantined) == (2, 2, 0)
+        with store.engine.connect() as conn:
+            rows = conn.execute(sa.select(events.c.path, events.c.status).order_by(events.c.ts)).all()
+            bad = conn.execute(sa.select(sa.func.count()).select_from(quarantine)).scalar_one()
+        assert [tuple(r) for r in rows] == [("/v3/stats?n=1", 200), ("/v3/stats?n=2", 200),
+                                            ("/v3/stats?n=9", 401), ("/v3/stats?n=10", 200)]
+        assert bad == 0
+        assert _counts(store)[2] == os.path.getsize(log)
+
+        # A finished file whose last line has no newline: read once, then nothing new.
+        done = tmp_path / "done.log"
+        done.write_text(_line(20) + _line(21).rstrip("\n"))
+        assert ingest_paths(store, settings, [str(done)], "combined").events_stored == 2
+        again = ingest_paths(store, settings, [str(done)], "combined")
+        assert (again.lines_read, again.unchanged) == (0, [str(done)])
+    finally:
+        store.close()
