@@ -59,7 +59,7 @@ def apikey_create(
 def apikey_list(database_url: DatabaseOption = None) -> None:
     """List keys (ids, names, scopes, use), never the keys themselves."""
     settings = _settings(database_url)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, must_exist=True)
     try:
         keys = KeyRing(store.engine).list()
     finally:
@@ -86,7 +86,7 @@ def apikey_revoke(
 ) -> None:
     """Revoke a key: requests with it are refused from now on."""
     settings = _settings(database_url)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, must_exist=True)
     try:
         revoked = KeyRing(store.engine).revoke(key_id.removeprefix("mwk_")[:12])
     finally:

@@ -188,7 +188,7 @@ def detect(
     from detectors.registry import build_detectors
 
     build_detectors(settings.detectors)  # a typo in [detectors] fails now, even with nothing stored yet
-    store = Store.open(settings.database_url, read_url=settings.read_database_url)
+    store = Store.open(settings.database_url, read_url=settings.read_database_url, must_exist=True)
     try:
         summary = detect_range(store, settings, start, end)
         _apply_silences(store)
@@ -232,7 +232,7 @@ def alerts(
 ) -> None:
     """List alerts, most severe first."""
     settings = _settings(database_url)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, must_exist=True)
     try:
         rows = store.list_alerts(status=status, limit=limit)
     finally:

@@ -51,7 +51,7 @@ def evaluate(
 
     settings = _settings(database_url)
     label_frame = load_labels(labels)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, must_exist=True)
     try:
         rows = store.list_alerts(limit=10_000_000)
         stored = store.event_time_range()
@@ -118,7 +118,7 @@ def train(
     from pipeline.jobs import train_once
 
     settings = _settings(database_url)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, must_exist=True)
     try:
         results = train_once(store, settings, _time(since, "since"), _time(until, "until"), days=days)
     finally:
@@ -177,7 +177,7 @@ def keys_list(
     from pipeline.jobs import load_revoked
 
     settings = _settings(database_url)
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, must_exist=True)
     try:
         revoked = load_revoked(store)
     finally:

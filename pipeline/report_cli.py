@@ -154,7 +154,7 @@ def report(
                 f"({'--chromium ' + chromium if chromium else 'looked for ' + ', '.join(CHROMIUM_NAMES)} on PATH); "
                 "install one (Debian: apt-get install chromium) or leave out --png"
             )
-    store = Store.open(settings.database_url)
+    store = Store.open(settings.database_url, must_exist=True)
     try:
         stored = store.event_time_range()
         if stored is None and (start is None or end is None):

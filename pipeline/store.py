@@ -201,7 +201,16 @@ class Store:
         self.read_engine = read_engine or engine
 
     @classmethod
-    def open(cls, url: str, upgrade: bool = True, read_url: str | None = None) -> Store:
+    def open(cls, url: str, upgrade: bool = True, read_url: str | None = None, must_exist: bool = False) -> Store:
+        """The store at `url`, its schema brought up to date. `must_exist`: for commands that only
+        read, a SQLite path that holds no store is an error, not a new empty store at a typo."""
+        if must_exist and url.startswith("sqlite"):
+            db_path = sa.engine.make_url(url).database
+            if db_path and db_path != ":memory:" and not Path(db_path).expanduser().is_file():
+                raise StoreError(
+                    f"no store at {db_path}: check --database-url or MAILWARDEN_DATABASE_URL "
+                    "(`mailwarden ingest` or `mailwarden demo` creates one)"
+                )
         store = cls(make_engine(url), make_engine(read_url) if read_url else None)
         if upgrade:
             store.upgrade()

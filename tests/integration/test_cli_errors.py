@@ -119,10 +119,21 @@ def test_a_config_directory_is_refused_but_dev_null_is_an_empty_config(tmp_path:
                           capture_output=True, text=True, timeout=120)
     _assert_one_clear_line(done, 2, "not a readable file")
     env = {**_env(), "MAILWARDEN_CONFIG": "/dev/null"}
+    made = subprocess.run([sys.executable, "-m", "pipeline", "db", "upgrade"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
     done = subprocess.run([sys.executable, "-m", "pipeline", "alerts"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "0 alerts" in done.stdout
+
+
+def test_read_only_commands_do_not_create_a_store_at_a_mistyped_path(tmp_path: Path) -> None:
+    typo = tmp_path / "nowhere" / "mailwarden.db"
+    for command in (["alerts"], ["detect"], ["report", "--out", str(tmp_path / "r.html")], ["apikey", "list"]):
+        done = _cli(*command, "--database-url", f"sqlite:///{typo}", cwd=tmp_path)
+        _assert_one_clear_line(done, 2, f"no store at {typo}")
+    assert not typo.parent.exists()
 
 
 def test_detect_with_since_after_until_is_refused(tmp_path: Path) -> None:
