@@ -227,7 +227,7 @@ def _alerts_table(rows: list[dict]) -> Table:
 def alerts(
     status: Annotated[Optional[str], typer.Option(help="Only alerts with this status (open, acknowledged…).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    limit: Annotated[int, typer.Option(help="At most this many alerts.")] = 200,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many alerts.")] = 200,
     database_url: DatabaseOption = None,
 ) -> None:
     """List alerts, most severe first."""

@@ -29,7 +29,9 @@ def plot(
     since: Annotated[datetime | None, Query(description="Default: the first stored event.")] = None,
     until: Annotated[datetime | None, Query(description="Default: the last stored event.")] = None,
     tz: Annotated[
-        str | None, Query(max_length=64, description="The viewer's IANA zone (Europe/Berlin): hover texts show it.")
+        str | None,
+        Query(max_length=64, description="The viewer's IANA zone (Europe/Berlin): hover texts show it. A zone "
+              "this server does not know falls back to UTC (a browser may know newer zones than its tzdata)."),
     ] = None,
     alert_id: Annotated[str | None, Query(max_length=64, description="For alert_activity: the alert.")] = None,
 ) -> Response:
@@ -37,6 +39,8 @@ def plot(
     and by range: alert_timeline, auth_failures_over_time, countries_map, failure_heatmap,
     requests_over_time, score_distribution (iforest_ip fitted on the range's last 24 h, seconds on a
     big store), top_accounts, top_ips, top_keys, top_subnets."""
+    if alert_id is not None and name != "alert_activity":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "alert_id goes with the alert_activity figure only")
     reader = FrameReader(queries.store, queries)
     if name == "alert_activity":
         # The figure names the alert and its entity: reading alerts is needed as well.

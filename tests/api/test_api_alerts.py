@@ -74,6 +74,9 @@ def test_sort_and_paginate(api, alert_factory) -> None:
     assert bad.status_code == 422 and "colour" in bad.json()["detail"]
     assert api.client.get("/alerts?status=closed", headers=headers).status_code == 422
     assert api.client.get("/alerts?severity=apocalyptic", headers=headers).status_code == 422
+    # A reversed range is a mistake to report, not an empty answer (as /plots and /events do).
+    reversed_range = api.client.get("/alerts?since=2026-01-01&until=2025-01-01", headers=headers)
+    assert reversed_range.status_code == 422 and "since is after until" in reversed_range.json()["detail"]
 
 
 def test_alert_detail_has_its_evidence_events(api, alert_factory) -> None:

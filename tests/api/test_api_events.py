@@ -77,7 +77,8 @@ def test_search_by_cidr_time_and_fields(api) -> None:
         lambda r: r["path"] == "/v3/messages/{id}" and r["outcome"] == "ok"
     )
 
-    for bad in ({"ip": "203.0.113"}, {"outcome": "fine"}, {"cursor": "not-a-cursor"}):
+    for bad in ({"ip": "203.0.113"}, {"outcome": "fine"}, {"cursor": "not-a-cursor"},
+                {"since": "2026-01-01", "until": "2025-01-01"}):
         assert api.client.get("/events?" + urlencode(bad), headers=headers).status_code == 422
 
 

@@ -64,6 +64,11 @@ def test_top_ips_figure_and_unknown_names(api) -> None:
     assert totals == pd.Series([r["source_ip"] for r in rows]).value_counts().to_dict()
     missing = api.client.get("/plots/pie_of_doom", headers=headers)
     assert missing.status_code == 404 and "requests_over_time" in missing.json()["detail"]
+    # A zone the server does not know is drawn in UTC rather than failing the viewer's page.
+    mars = api.client.get("/plots/top_ips?tz=Mars/Olympus", headers=headers)
+    assert mars.status_code == 200 and mars.json()["data"] == figure["data"]
+    stray = api.client.get("/plots/top_ips?alert_id=zzz", headers=headers)
+    assert stray.status_code == 422 and "alert_activity" in stray.json()["detail"]
 
 
 def test_plots_on_an_empty_store(sqlite_api) -> None:
