@@ -408,8 +408,11 @@ def _last_line_of_defence(exc: Exception) -> None:
         _interrupted()
     if kind == "Exit":
         sys.exit(getattr(exc, "exit_code", 0))
-    if hasattr(exc, "show") and hasattr(exc, "exit_code"):
-        exc.show()
+    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+        # A usage error: one line, like every other error, and where to read the usage.
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err.print(f"[red]error:[/] {escape(exc.format_message())}{escape(where)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     from sqlalchemy.exc import SQLAlchemyError
 

@@ -32,6 +32,7 @@ def _assert_one_clear_line(done: subprocess.CompletedProcess, code: int, needle:
     assert done.returncode == code, done.stderr
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
     assert needle in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # one line, as the README says
 
 
 def _events(db: Path) -> int:
