@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,15 +124,28 @@ def make_demo_key(store: Store) -> str:
 def dashboard_hint(raw_key: str, database_url: str | None, port: int = 8000) -> list[str]:
     """The lines that tell how to open the dashboard on this store."""
     store_option = f" --database-url '{database_url}'" if database_url else ""
+    me = command_name()
     return [
         "open the dashboard on this store:",
-        f"  mailwarden serve{store_option}",
+        f"  {me} serve{store_option}",
         f"  then browse to http://127.0.0.1:{port}/ and paste this key (made for the demo, shown only now):",
         f"  {raw_key}",
         "  (it reads alerts and events and can acknowledge or resolve alerts;"
-        " `mailwarden apikey revoke` ends it)",
-        f"a shareable report: mailwarden report{store_option} --out report.html",
+        f" `{me} apikey revoke` ends it)",
+        f"a shareable report: {me} report{store_option} --out report.html",
     ]
+
+
+def command_name() -> str:
+    """How this run was started, for hints to copy: `.venv/bin/mailwarden` when the virtual
+    environment is not on PATH, `mailwarden` when it is (or under `python -m pipeline`)."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if os.path.basename(invoked) != "mailwarden":
+        return "mailwarden"
+    on_path = shutil.which("mailwarden")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(invoked):
+        return "mailwarden"
+    return os.path.relpath(invoked) if not os.path.isabs(invoked) or invoked.startswith(os.getcwd()) else invoked
 
 
 def print_dashboard_hint(store: Store, database_url: str | None, console: Any) -> None:

@@ -272,7 +272,7 @@ def prepare_batch(
 
 def _sample_lines(path: str) -> list[str]:
     sample: list[str] = []
-    for batch in read_batches(path, batch_lines=SNIFF_LINES):
+    for batch in read_batches(path, batch_lines=SNIFF_LINES, quiet=True):
         sample.extend(batch.lines)
         break
     return sample[:SNIFF_LINES]

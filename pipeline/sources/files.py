@@ -152,6 +152,7 @@ def read_batches(
     batch_bytes: int = CHUNK_BYTES,
     *,
     emit_partial: bool = True,
+    quiet: bool = False,
 ) -> Iterator[LineBatch]:
     """Read a finished file (plain or gzip, told apart by magic bytes) from a checkpoint.
 
@@ -177,7 +178,7 @@ def read_batches(
         )
         if is_gzip:
             f.seek(0)
-            yield from _read_gzip(f, name, batcher, start_offset, batch_bytes)
+            yield from _read_gzip(f, name, batcher, start_offset, batch_bytes, quiet=quiet)
         else:
             f.seek(start_offset)
             splitter = LineSplitter(start_offset)
@@ -202,7 +203,9 @@ def read_stream(
     yield from batcher.flush()
 
 
-def _read_gzip(f: BinaryIO, name: str, batcher: Batcher, start_offset: int, chunk: int) -> Iterator[LineBatch]:
+def _read_gzip(
+    f: BinaryIO, name: str, batcher: Batcher, start_offset: int, chunk: int, *, quiet: bool = False
+) -> Iterator[LineBatch]:
     gz = LenientGzip(f)
     splitter = LineSplitter(start_offset)
     try:
@@ -220,7 +223,8 @@ def _read_gzip(f: BinaryIO, name: str, batcher: Batcher, start_offset: int, chun
     except EOFError:
         # Cut short (still being compressed, or a partial copy): keep the complete lines only,
         # the cut-off tail is not a line anyone wrote.
-        log.warning("%s: gzip stream ends early; read up to byte %d", name, splitter.consumed)
+        if not quiet:  # (the format sniffer's look at the first lines says nothing: the read will)
+            log.warning("%s: gzip stream ends early; read up to byte %d", name, splitter.consumed)
         yield from batcher.flush()
         return
     except _GZIP_ERRORS as e:
