@@ -104,7 +104,7 @@ def reopen_unterminated_tail(store: Store, path: str, source_key: str, cp: Check
             if f.read(2) == GZIP_MAGIC or os.fstat(f.fileno()).st_size <= cp.byte_offset:
                 return cp  # a gzip is a finished file; an unchanged file has nothing to repair
             f.seek(cp.byte_offset - 1)
-            if f.read(1) == b"\n":
+            if f.read(1) in (b"\n", b"\r"):  # a bare CR ends a line too (old Mac files)
                 return cp
             start = _line_start(f, cp.byte_offset - 1)
     except OSError:
@@ -122,7 +122,8 @@ def _line_start(f: Any, pos: int, chunk: int = 64 << 10) -> int:
     while end > 0:
         begin = max(0, end - chunk)
         f.seek(begin)
-        found = f.read(end - begin).rfind(b"\n")
+        block = f.read(end - begin)
+        found = max(block.rfind(b"\n"), block.rfind(b"\r"))
         if found >= 0:
             return begin + found + 1
         end = begin

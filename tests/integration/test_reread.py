@@ -129,3 +129,20 @@ def test_a_last_line_read_before_its_writer_finished_is_read_again_whole(databas
         assert (again.lines_read, again.unchanged) == (0, [str(done)])
     finally:
         store.close()
+
+
+def test_a_growing_file_with_bare_cr_line_ends_is_not_taken_for_an_open_tail(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cr.db'}"
+    log = tmp_path / "mac.log"
+    log.write_bytes((_line(1) + _line(2)).replace("\n", "\r").encode())
+    settings = load_settings(database_url=url, pepper="t", data_dir=tmp_path / "state")
+    store = Store.open(url)
+    try:
+        assert ingest_paths(store, settings, [str(log)], "combined").events_stored == 2
+        with log.open("ab") as f:
+            f.write(_line(3).replace("\n", "\r").encode())
+        grown = ingest_paths(store, settings, [str(log)], "combined")
+        assert (grown.lines_read, grown.events_stored) == (1, 1)
+        assert _counts(store)[:2] == (3, 0)
+    finally:
+        store.close()
