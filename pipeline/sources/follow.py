@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import threading
@@ -9,8 +10,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from pipeline.sources.files import _identify_open, _read_gzip
-from pipeline.sources.lines import CHUNK_BYTES, Batcher, FileIdentity, LineBatch, LineSplitter, SourceError
+from pipeline.sources.files import _GZIP_ERRORS, LenientGzip, _identify_open, _read_gzip
+from pipeline.sources.lines import (
+    CHUNK_BYTES,
+    GZIP_MAGIC,
+    Batcher,
+    FileIdentity,
+    LineBatch,
+    LineSplitter,
+    SourceError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,9 @@ def follow_batches(
                 # Checked before reading: after copytruncate, the bytes at our old offset belong to
                 # the middle of some new line.
                 if cur.rewritten():
+                    # Lines written after our last read and before the truncate live on only in the
+                    # copy logrotate made (app.log.1, app.log-20261204, …): read them there first.
+                    yield from cur.read_rotated_copy(stop)
                     log.info("%s: truncated in place (copytruncate); reading it from the start", name)
                     cur.restart()
                     continue
@@ -150,6 +162,42 @@ class _Tail:
             yield from batcher.add(lines, offsets, splitter.consumed)
         yield from batcher.flush()
 
+    def read_rotated_copy(self, stop: threading.Event) -> Iterator[LineBatch]:
+        """The rest of the content we were reading, from the copy a copytruncate rotation made.
+
+        The copy is the sibling (`<name>.*` or `<name>-*`, newest first) that starts with the same
+        bytes and reaches at least as far as we read; its bytes past our position are the lines the
+        truncate took from the live file. Same identity, same offsets: their ids are those the live
+        file would have given them. A gzip copy is decompressed and skipped to our position.
+        """
+        batcher, position = self.batcher, self.f.tell()
+        if batcher is None or self.is_gzip or not self.probe:
+            return
+        copy = _rotated_copy(self.path, self.probe, position)
+        if copy is None:
+            log.warning("%s: truncated in place and no rotated copy found: lines written just before "
+                        "the truncate may be missing", self.path)
+            return
+        reader, where = copy
+        splitter = self.splitter
+        try:
+            if reader.read is not None:
+                while not stop.is_set():
+                    data = reader.read(self.batch_bytes)
+                    if not data:
+                        break
+                    lines, offsets = splitter.feed(data)
+                    yield from batcher.add(lines, offsets, splitter.consumed)
+        except (EOFError, *_GZIP_ERRORS):
+            pass  # a damaged copy: what it gave is kept
+        finally:
+            reader.close()
+        # The copy is finished: an unterminated last line in it is a line.
+        lines, offsets = splitter.finish()
+        yield from batcher.add(lines, offsets, splitter.consumed)
+        yield from batcher.flush()
+        log.info("%s: read the rest of the truncated content from %s", self.path, where)
+
     def rewritten(self) -> bool:
         """Whether the file was truncated (and maybe refilled) under us since we read it."""
         if self.is_gzip:
@@ -173,3 +221,54 @@ class _Tail:
             # Not a line yet; the next open resumes at its start (the committed end_offset).
             log.debug("%s: closed with %d bytes of an unterminated line", self.path, self.splitter.pending_bytes)
         self.f.close()
+
+
+class _CopyReader:
+    """`read(n)` over a rotated copy, positioned at an offset of its (decompressed) content."""
+
+    def __init__(self, f: BinaryIO, gz: LenientGzip | None):
+        self._f, self._gz = f, gz
+        self.read = gz.read if gz is not None else f.read
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _rotated_copy(path: str, probe: bytes, position: int, tries: int = 6) -> tuple[_CopyReader, str] | None:
+    """The newest sibling of `path` that starts with `probe` and holds at least `position` bytes,
+    opened at `position`."""
+    escaped = glob.escape(path)
+    candidates = [c for c in set(glob.glob(escaped + ".*") + glob.glob(escaped + "-*")) if os.path.isfile(c)]
+    candidates.sort(key=lambda c: os.stat(c).st_mtime, reverse=True)
+    for candidate in candidates[:tries]:
+        try:
+            f = open(candidate, "rb", buffering=0)
+        except OSError:
+            continue
+        try:
+            gz = LenientGzip(f) if f.read(2) == GZIP_MAGIC else None
+            f.seek(0)
+            read = gz.read if gz is not None else f.read
+            head = b""
+            while len(head) < len(probe) and (more := read(len(probe) - len(head))):
+                head += more
+            if head != probe:
+                f.close()
+                continue
+            # Skip to our position (decompressing a gzip copy up to it).
+            if gz is None:
+                if os.fstat(f.fileno()).st_size < position:
+                    f.close()
+                    continue
+                f.seek(position)
+            else:
+                skipped = len(head)
+                while skipped < position and (more := gz.read(min(1 << 20, position - skipped))):
+                    skipped += len(more)
+                if skipped < position:
+                    f.close()
+                    continue
+            return _CopyReader(f, gz), candidate
+        except (OSError, EOFError, *_GZIP_ERRORS):
+            f.close()
+    return None

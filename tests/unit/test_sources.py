@@ -596,6 +596,36 @@ def test_follow_copytruncate_starts_over_on_the_new_content(tmp_path: Path, foll
     assert len(f.lines()) == 5
 
 
+@pytest.mark.parametrize("copy_name, compress", [("app.log.1", False), ("app.log-20261204", False),
+                                                 ("app.log.1.gz", True)])
+def test_follow_copytruncate_reads_the_lines_written_just_before_it_from_the_copy(
+    tmp_path: Path, follower, copy_name: str, compress: bool
+) -> None:
+    """Found by a fresh-user trial: lines written after the follower's last read and before the
+    truncate were only in the copy, and were lost."""
+    path = tmp_path / "app.log"
+    path.write_bytes(LONG_FIRST + b"old 1\n")
+    f = follower(path, poll_interval=0.5)
+    assert len(f.wait_for(2)) == 2
+    # Within one poll interval: more lines, then logrotate's copy and truncate, then new lines.
+    append(path, b"old 2 just before the rotation\nold 3 too\n")
+    content = path.read_bytes()
+    (tmp_path / copy_name).write_bytes(gzip.compress(content) if compress else content)
+    (tmp_path / "app.log.2").write_bytes(b"an older, unrelated rotation\n" * 3)
+    with open(path, "r+b") as fh:
+        fh.truncate(0)
+    new_first = LONG_FIRST.replace(b"14:03:11", b"15:00:00")
+    append(path, new_first + b"new 1\n")
+    got = f.wait_for(6)
+    assert got == [LONG_FIRST.decode().rstrip("\n"), "old 1", "old 2 just before the rotation", "old 3 too",
+                   new_first.decode().rstrip("\n"), "new 1"]
+    # The copy's lines keep the identity and offsets of the file they were written to.
+    old_batches = [b for b in f.batches if b.identity == f.batches[0].identity]
+    assert [o for b in old_batches for o in b.offsets] == [o for o, _ in reference_split(content)]
+    time.sleep(0.6)
+    assert len(f.lines()) == 6
+
+
 def test_follow_notices_truncation_even_when_refilled_past_the_old_offset(tmp_path: Path, follower) -> None:
     path = tmp_path / "app.log"
     path.write_bytes(LONG_FIRST + b"old\n")
