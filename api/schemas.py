@@ -6,7 +6,7 @@ import ipaddress
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.schema import Severity
 
@@ -95,6 +95,9 @@ class StatsOut(BaseModel):
 
 
 class SilenceIn(BaseModel):
+    # A misspelt field (ends_at, matchers) is a 422 naming it, not silently a different silence.
+    model_config = ConfigDict(extra="forbid")
+
     detector: str | None = Field(None, max_length=64)
     entity: str | None = Field(None, max_length=512)
     cidr: str | None = Field(None, max_length=64, description="Matches alerts about addresses or subnets inside it.")
@@ -122,6 +125,8 @@ class SilenceIn(BaseModel):
 
 
 class SilencePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     comment: str | None = Field(None, min_length=1, max_length=2000)
     expires_at: datetime | None = None
 

@@ -178,10 +178,9 @@ def _alerts_html(alerts: pd.DataFrame) -> str:
             _e(r.status),
             _e(getattr(r, "mitre", "") or ""),
         ])
-    parts.append('<div class="scroll">')
+    # No scrolling box in a report: it is read whole, printed, or turned into a PDF.
     parts.append(_table(["severity", "window (UTC)", "detector", "entity", "title", "status", "MITRE"], rows,
                         table_id="alerts"))
-    parts.append("</div>")
     if len(alerts) > MAX_ALERT_ROWS:
         parts.append(f'<p class="status">and {len(alerts) - MAX_ALERT_ROWS:,} more (see the API or the dashboard)</p>')
     parts.append("</section>")
@@ -204,7 +203,10 @@ def render_report(data: ReportInput) -> str:
         _kpi(f"{numbers['open_alerts']:,}", "alerts still open", "open-alerts"),
     ]
     share = data.posture.get("plain_http_share")
-    kpis.append(_kpi("n/a" if share is None else f"{share:.1%}", "API/web requests over plain HTTP", "plain-http"))
+    known = int(data.posture.get("http_requests", 0) or 0) + int(data.posture.get("https_requests", 0) or 0)
+    # The share is of the requests whose log recorded the scheme (combined logs mostly do not).
+    kpis.append(_kpi("n/a" if share is None else f"{share:.1%}",
+                     f"over plain HTTP, of the {known:,} requests whose scheme was logged", "plain-http"))
     figures = build_figures(data)
     figure_html = []
     for name, figure in figures.items():

@@ -75,7 +75,8 @@ class Service:
             if self.after_detect is not None:
                 self.after_detect(self.store)
             if summary.alerts_new:
-                log.warning("detect: %d new alerts (%s)", summary.alerts_new, dict(summary.by_detector))
+                found = ", ".join(f"{name} {n}" for name, n in sorted(summary.by_detector.items()))
+                log.warning("detect: %d new alert(s); found this run: %s", summary.alerts_new, found)
         except Exception:  # a failed tick is logged and retried next tick; the service keeps running
             log.exception("detect job failed")
         self.notify_job()  # new alerts leave at once, not a notify interval later
