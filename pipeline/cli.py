@@ -156,7 +156,10 @@ def ingest(
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             err.print(f"following {', '.join(paths)} (Ctrl-C to stop)")
-            watcher = threading.Thread(target=lambda: follow_paths(store, settings, paths, fmt, stop), daemon=True)
+            followed: list = []
+            watcher = threading.Thread(
+                target=lambda: followed.append(follow_paths(store, settings, paths, fmt, stop)), daemon=True
+            )
             watcher.start()
             try:
                 while watcher.is_alive():
@@ -164,6 +167,8 @@ def ingest(
             except KeyboardInterrupt:
                 stop.set()
                 watcher.join(10)
+            if followed:  # what this run stored, as a one-shot ingest reports it
+                _print_ingest_summary(followed[0], settings.database_url)
             return
         with _progress(sys.stderr.isatty()) as hook:
             summary = ingest_paths(store, settings, paths, fmt, progress=hook, reread=reread)

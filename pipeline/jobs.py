@@ -442,6 +442,7 @@ def follow_paths(
                 key = batch.identity.key
                 if key not in parsers:
                     parsers[key] = choose_parser(fmt, batch.lines[:SNIFF_LINES], settings, datetime.now(timezone.utc))
+                    summary.formats[parsers[key][1] if parsers[key][0] else "unrecognised"] += 1
                 parser, name = parsers[key]
                 source = sources.get(key) or resolve_source(store, path, batch.identity)[0]
                 ingester.submit(batch, parser, name, source)
@@ -456,6 +457,7 @@ def follow_paths(
         t.start()
     for t in threads:
         t.join()
+    summary.files = len(paths)
     summary.seconds = time.perf_counter() - started
     return summary
 
