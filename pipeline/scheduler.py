@@ -177,7 +177,8 @@ def _import_heavy_modules() -> None:
     import importlib
 
     for name in ("numpy", "pandas", "polars", "pyarrow", "sklearn.ensemble", "narwhals.stable.v2",
-                 "detectors.models", "pipeline.notify", "pipeline.evaluate"):
+                 "detectors.models", "detectors.registry", "detectors.features", "pipeline.geo",
+                 "pipeline.notify", "pipeline.evaluate", "pipeline.partitions", "psycopg.sql", "api.frames"):
         try:
             importlib.import_module(name)
         except ImportError:  # optional pieces; the job that needs one reports it

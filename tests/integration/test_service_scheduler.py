@@ -110,7 +110,36 @@ def test_service_schedules_every_job_without_overlap_and_trains_at_start(tmp_pat
         deadline = time.monotonic() + 120  # a bound for a loaded CI machine; ~1 s when quiet
         while not service.models and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert service.models, (
+            f"no training within 120 s; database: {_what_the_database_is_doing(store)}; "
+            f"threads: {_thread_stacks(tmp_path)}"
+        )
         assert service.models["iforest_ip"].trained_to is not None
         assert store.get_watermark(TRAIN_WATERMARK) is not None
     finally:
         service.stop()
+
+
+def _what_the_database_is_doing(store: Store) -> str:
+    """For a stalled start-up: the sessions and lock waits of this database (PostgreSQL only).
+    (Seen once in a full run on PostgreSQL and never alone: this says why, next time.)"""
+    if store.dialect != "postgresql":
+        return "SQLite"
+    import sqlalchemy as sa
+
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT pid, state, wait_event_type, wait_event, left(query, 120) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )).all()
+    return "; ".join(" | ".join(str(c) for c in r) for r in rows) or "no other sessions"
+
+
+def _thread_stacks(tmp_path: Path) -> str:
+    """Where every thread of this process is (a stalled job thread shows what it waits for)."""
+    import faulthandler
+
+    dump = tmp_path / "threads.txt"
+    with dump.open("w") as handle:
+        faulthandler.dump_traceback(handle, all_threads=True)
+    return dump.read_text()[-6000:]
