@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from functools import cache
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security, status
@@ -13,7 +14,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from api.auth import FailureLimiter, KeyRing, Network, Principal, Scope
 from api.metrics import Metrics
-from api.queries import ApiQueries
+from api.queries import ApiQueries, as_utc
 from pipeline.config import Settings
 from pipeline.store import Store, make_engine
 
@@ -165,6 +166,12 @@ def require(scope: Scope) -> Callable[..., Principal]:
 
     check.__name__ = f"require_{scope.value.replace(':', '_')}"
     return check
+
+
+def check_range(since: datetime | None, until: datetime | None) -> None:
+    """A reversed range is a mistake to report (422), not an empty answer."""
+    if since is not None and until is not None and as_utc(since) > as_utc(until):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since is after until")
 
 
 def split_values(values: list[str] | None) -> list[str]:

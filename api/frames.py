@@ -260,6 +260,12 @@ class FrameReader:
         range by a few minutes or the next refresh then reads only the hours that changed (the
         current one, a backfilled one) instead of the whole day (0.4 s of a first load's 0.8 s of
         server time with a day of 180,000 events).
+
+        Rows are read as columns and counted in polars: SQLite's GROUP BY sorts every row of the
+        range (with a million events the two SQL scans cost about 6 s of CPU, against about 2 s this
+        way). The read goes through the engine's pooled stdlib connection on purpose: a second SQLite
+        library in the same process (an ADBC driver carries its own) breaks SQLite's POSIX locks,
+        and closing it deleted a live writer's WAL file, losing that process's later commits.
         """
         # Hour pieces pay off for the ranges people look at again and again (a day, a week, a month);
         # a range of years would be thousands of pieces: it is read in one go instead.
@@ -303,29 +309,6 @@ class FrameReader:
             log.warning("dashboard: columnar read failed, using SQL instead: %s", str(exc).splitlines()[:1])
             return None
         return _merge_counts(traffic, entities)
-
-    def _sqlite_columns(self, since: datetime, until: datetime) -> pl.DataFrame | None:
-        """The six columns the overview counts over [since, until], read through the store's own
-        SQLite connection (None when the read fails).
-
-        SQLite's GROUP BY sorts every row of the range: with a million events the two scans cost
-        about 6 s of CPU, against about 2 s for reading the columns and counting them in polars.
-        The read goes through the engine's pooled stdlib connection on purpose: a second SQLite
-        library in the same process (an ADBC driver carries its own) breaks SQLite's POSIX locks,
-        and closing it deleted a live writer's WAL file, losing that process's later commits.
-        """
-        try:
-            raw = self.engine.raw_connection()
-            try:
-                cursor = raw.cursor()
-                frame = _read_columns(cursor, since, until, True)
-                cursor.close()
-            finally:
-                raw.close()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("dashboard: columnar read failed: %s", str(exc).splitlines()[:1])
-            return None
-        return frame
 
     def traffic(self, since: datetime, until: datetime, grain: int) -> pd.DataFrame:
         """Events per (bucket of `grain` seconds, outcome, service): bucket, outcome, service, count."""
@@ -680,11 +663,6 @@ def _finish_counts(traffic_pl: pl.DataFrame, entities_pl: pl.DataFrame, grain: i
     entities = entities.astype({"source_ip": "string", "api_key_id": "string", "account": "string",
                                 "requests": "int64", "failures": "int64", "auth_failures": "int64"})
     return _fold_entities(traffic, entities, grain)
-
-
-def _aggregates_of(frame: pl.DataFrame, grain: int) -> RangeAggregates:
-    """The overview's aggregates counted from the scanned columns, equal to what the SQL path gives."""
-    return _finish_counts(*_partial_counts(frame, grain), grain)
 
 
 def _fold_entities(traffic: pd.DataFrame, entities: pd.DataFrame, grain: int) -> RangeAggregates:

@@ -151,6 +151,10 @@ class IngestSummary:
     forgotten_events: int = 0
     forgotten_quarantined: int = 0
 
+    def count_format(self, parser: Any, name: str) -> None:
+        """One more source read as `name` (or none recognised)."""
+        self.formats[name if parser else "unrecognised"] += 1
+
     @property
     def lines_per_second(self) -> float:
         return self.lines_read / self.seconds if self.seconds > 0 else 0.0
@@ -373,15 +377,15 @@ def _ingest_file(
         return
     ingester.wait()  # the previous file's checkpoint must be visible to tell the two apart
     source, cp = resolve_source(store, path, identity)
-    cp = reopen_unterminated_tail(store, path, source.key, cp)
     if reread and cp is not None:
         gone, bad = store.forget_source(source.key)
         summary.forgotten_events += gone
         summary.forgotten_quarantined += bad
         cp = None
+    cp = reopen_unterminated_tail(store, path, source.key, cp)
     start, line_no = (cp.byte_offset, cp.line_no) if cp else (0, 1)
     parser, name = choose_parser(fmt, _sample_lines(path), settings, _file_reference_time(path))
-    summary.formats[name if parser else "unrecognised"] += 1
+    summary.count_format(parser, name)
     total = _size_hint(path)
     batches = 0
     for batch in read_batches(path, start_offset=start, start_line=line_no, batch_lines=settings.batch_lines):
@@ -409,7 +413,7 @@ def _ingest_stdin(ingester: BatchIngester, settings: Settings, fmt: str, summary
     for batch in read_stdin_batches(batch_lines=settings.batch_lines):
         if parser is None and name == fmt:
             parser, name = choose_parser(fmt, batch.lines[:SNIFF_LINES], settings, datetime.now(timezone.utc))
-            summary.formats[name if parser else "unrecognised"] += 1
+            summary.count_format(parser, name)
         # stdin cannot be re-read from an offset, so it keeps no checkpoint; ids still dedupe a replay.
         ingester.submit(batch, parser, name, None)
 
@@ -442,7 +446,7 @@ def follow_paths(
                 key = batch.identity.key
                 if key not in parsers:
                     parsers[key] = choose_parser(fmt, batch.lines[:SNIFF_LINES], settings, datetime.now(timezone.utc))
-                    summary.formats[parsers[key][1] if parsers[key][0] else "unrecognised"] += 1
+                    summary.count_format(*parsers[key])
                 parser, name = parsers[key]
                 source = sources.get(key) or resolve_source(store, path, batch.identity)[0]
                 ingester.submit(batch, parser, name, source)

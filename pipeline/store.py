@@ -15,7 +15,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline.schema import EVENT_COLUMNS, Alert, StoreError, pandas_dtypes
+from pipeline.schema import EVENT_COLUMNS, Alert, StoreError, event_ids, pandas_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +268,11 @@ class Store:
         For a file read with the wrong format: reading it again afterwards stores it as if new. A
         crash after this commit loses nothing, since the checkpoint now says to read it from the start.
         """
-        # Event ids are the key's first 24 hex digits and a 16-digit offset: one id range per file,
-        # all ids the same length and alphanumeric, so the range is the same under any collation.
-        prefix = source_key[:24]
+        # A file's event ids (schema.event_ids: its key's prefix and a zero-padded offset) form one
+        # range, all of the same length and alphanumeric, so the range is the same under any collation.
+        first, last = event_ids(source_key, [0, 10**16 - 1])
         with self.engine.begin() as conn:
-            gone = conn.execute(
-                events.delete().where(events.c.event_id.between(prefix + "0" * 16, prefix + "9" * 16))
-            ).rowcount
+            gone = conn.execute(events.delete().where(events.c.event_id.between(first, last))).rowcount
             bad = conn.execute(quarantine.delete().where(quarantine.c.source_key == source_key)).rowcount
             conn.execute(
                 checkpoints.update().where(checkpoints.c.source_key == source_key).values(byte_offset=0, line_no=1)

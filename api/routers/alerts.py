@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from api.auth import Scope
-from api.deps import AlertsWriter, QueriesDep, StateDep, require, split_values
-from api.queries import ALERT_SORT_COLUMNS, DEFAULT_ALERT_SORT, AlertQuery, as_utc
+from api.deps import AlertsWriter, QueriesDep, StateDep, check_range, require, split_values
+from api.queries import ALERT_SORT_COLUMNS, DEFAULT_ALERT_SORT, AlertQuery
 from api.schemas import AlertDetail, AlertOut, AlertPage, EventOut
 from pipeline.schema import AlertStatus, ConfigError, Severity
 
@@ -45,8 +45,7 @@ def list_alerts(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> AlertPage:
-    if since is not None and until is not None and as_utc(since) > as_utc(until):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since is after until")
+    check_range(since, until)
     statuses = split_values(status_)
     unknown = [s for s in statuses if s not in {a.value for a in AlertStatus}]
     if unknown:

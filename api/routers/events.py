@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from api.auth import Scope
-from api.deps import QueriesDep, StateDep, require, split_values
-from api.queries import EventQuery, as_utc, parse_ip_filter
+from api.deps import QueriesDep, StateDep, check_range, require, split_values
+from api.queries import EventQuery, parse_ip_filter
 from api.schemas import EventOut, EventPage
 from pipeline.schema import Outcome, Service
 
@@ -32,8 +32,7 @@ def search_events(
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> EventPage:
     """Newest first. Follow `next_cursor` for older pages; no page holds more than the hard cap."""
-    if since is not None and until is not None and as_utc(since) > as_utc(until):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since is after until")
+    check_range(since, until)
     outcomes = split_values(outcome)
     bad = [o for o in outcomes if o not in {x.value for x in Outcome}]
     services = split_values(service)

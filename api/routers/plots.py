@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 
 from api.auth import Scope
-from api.deps import PrincipalDep, QueriesDep, require
+from api.deps import PrincipalDep, QueriesDep, check_range, require
 from api.frames import LOADERS, FrameReader, Span, bucket_seconds  # noqa: F401 - bucket_seconds re-exported
 from api.queries import as_utc
 from dashboards.figures import FIGURES
@@ -60,8 +60,7 @@ def plot(
         if stored is None:
             return _json(FIGURES[name](pd.DataFrame()))
         since, until = since or stored[0], until or stored[1]
-    if since > until:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since is after until")
+    check_range(since, until)
     return _json(FIGURES[name](**LOADERS[name](reader, Span(since, until, tz))))
 
 

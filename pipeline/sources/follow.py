@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from pipeline.sources.files import _GZIP_ERRORS, LenientGzip, _identify_open, _read_gzip
+from pipeline.sources.files import _GZIP_ERRORS, LenientGzip, _identify_open, _read_gzip, read_prefix
 from pipeline.sources.lines import (
     CHUNK_BYTES,
     GZIP_MAGIC,
@@ -178,20 +178,16 @@ class _Tail:
             log.warning("%s: truncated in place and no rotated copy found: lines written just before "
                         "the truncate may be missing", self.path)
             return
-        reader, where = copy
+        f, read, where = copy
         splitter = self.splitter
         try:
-            if reader.read is not None:
-                while not stop.is_set():
-                    data = reader.read(self.batch_bytes)
-                    if not data:
-                        break
-                    lines, offsets = splitter.feed(data)
-                    yield from batcher.add(lines, offsets, splitter.consumed)
+            while not stop.is_set() and (data := read(self.batch_bytes)):
+                lines, offsets = splitter.feed(data)
+                yield from batcher.add(lines, offsets, splitter.consumed)
         except (EOFError, *_GZIP_ERRORS):
             pass  # a damaged copy: what it gave is kept
         finally:
-            reader.close()
+            f.close()
         # The copy is finished: an unterminated last line in it is a line.
         lines, offsets = splitter.finish()
         yield from batcher.add(lines, offsets, splitter.consumed)
@@ -223,52 +219,35 @@ class _Tail:
         self.f.close()
 
 
-class _CopyReader:
-    """`read(n)` over a rotated copy, positioned at an offset of its (decompressed) content."""
-
-    def __init__(self, f: BinaryIO, gz: LenientGzip | None):
-        self._f, self._gz = f, gz
-        self.read = gz.read if gz is not None else f.read
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def _rotated_copy(path: str, probe: bytes, position: int, tries: int = 6) -> tuple[_CopyReader, str] | None:
-    """The newest sibling of `path` that starts with `probe` and holds at least `position` bytes,
-    opened at `position`."""
+def _rotated_copy(
+    path: str, probe: bytes, position: int, tries: int = 6
+) -> tuple[BinaryIO, Callable[[int], bytes], str] | None:
+    """The newest sibling of `path` that starts with `probe` and holds at least `position` bytes:
+    (the open file, a reader of its content from `position` on, its path)."""
     escaped = glob.escape(path)
     candidates = [c for c in set(glob.glob(escaped + ".*") + glob.glob(escaped + "-*")) if os.path.isfile(c)]
     candidates.sort(key=lambda c: os.stat(c).st_mtime, reverse=True)
     for candidate in candidates[:tries]:
         try:
+            if read_prefix(candidate, len(probe)) != probe:
+                continue
             f = open(candidate, "rb", buffering=0)
-        except OSError:
+        except (OSError, SourceError):
             continue
         try:
-            gz = LenientGzip(f) if f.read(2) == GZIP_MAGIC else None
-            f.seek(0)
-            read = gz.read if gz is not None else f.read
-            head = b""
-            while len(head) < len(probe) and (more := read(len(probe) - len(head))):
-                head += more
-            if head != probe:
-                f.close()
-                continue
-            # Skip to our position (decompressing a gzip copy up to it).
-            if gz is None:
-                if os.fstat(f.fileno()).st_size < position:
-                    f.close()
-                    continue
-                f.seek(position)
+            if f.read(2) != GZIP_MAGIC:
+                if os.fstat(f.fileno()).st_size >= position:
+                    f.seek(position)
+                    return f, f.read, candidate
             else:
-                skipped = len(head)
+                # Decompress up to our position, as a resumed gzip read does.
+                f.seek(0)
+                gz, skipped = LenientGzip(f), 0
                 while skipped < position and (more := gz.read(min(1 << 20, position - skipped))):
                     skipped += len(more)
-                if skipped < position:
-                    f.close()
-                    continue
-            return _CopyReader(f, gz), candidate
+                if skipped == position:
+                    return f, gz.read, candidate
         except (OSError, EOFError, *_GZIP_ERRORS):
-            f.close()
+            pass
+        f.close()
     return None
