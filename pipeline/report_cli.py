@@ -174,7 +174,7 @@ def report(
             figures=inputs,
             alerts=reader.alerts_frame(start, end),
             posture=reader.posture(start, end),
-            plotly_js=static.plotly_js(),
+            plotly_js=static.dashboard_plotly_js(),
             stylesheet=static.template("dashboard.css"),
             template=static.template("report.html"),
             version=_version(),

@@ -45,7 +45,7 @@ class Asset:
 def asset(name: str) -> Asset | None:
     """A static file by name, with its gzip form and ETag computed once per process."""
     if name == "plotly.min.js":
-        text = static.plotly_js()
+        text = static.dashboard_plotly_js()
     elif name in ("dashboard.js", "dashboard.css"):
         text = static.template(name)
     else:

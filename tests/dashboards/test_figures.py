@@ -191,3 +191,54 @@ def test_flag_alerted_marks_only_the_named_entity_inside_its_window() -> None:
     alerts = pd.DataFrame({"entity": ["a"], "window_start": [T0 + timedelta(minutes=5)],
                            "window_end": [T0 + timedelta(minutes=20)]})
     assert flag_alerted(scores, alerts).tolist() == [True, False, False]
+
+
+def test_every_figure_on_the_demo_store_uses_only_the_trace_types_served_plotly_js_registers(demo_store) -> None:
+    from api.frames import FrameReader, Span
+    from dashboards.static import FIGURE_TRACES
+    from pipeline.store import Store
+
+    store = Store.open(demo_store.url)
+    try:
+        reader = FrameReader(store)
+        first, last = reader.stored_range()
+        span = Span(first, last, "Europe/Berlin")
+        used: dict[str, set[str]] = {}
+        for name in sorted(LOADERS):
+            used[name] = {trace.type for trace in FIGURES[name](**LOADERS[name](reader, span)).data}
+        alert = reader.queries.get_alert(store.list_alerts(limit=1)[0]["alert_id"])
+        used["alert_activity"] = {t.type for t in FIGURES["alert_activity"](**reader.alert_activity(alert)).data}
+    finally:
+        store.close()
+    assert set(used) == set(FIGURES)
+    # Real figures with data: every kind of trace the registry draws shows up.
+    assert set().union(*used.values()) == FIGURE_TRACES
+    assert {name: types - FIGURE_TRACES for name, types in used.items() if types - FIGURE_TRACES} == {}
+
+
+def test_served_plotly_js_registers_only_the_figure_traces_and_keeps_the_rest_whole() -> None:
+    from dashboards import static
+
+    full, served = static.plotly_js(), static.dashboard_plotly_js()
+    assert served != full and len(served) < len(full)
+    full_calls = static._REGISTER.findall(full)[-1].split(",")
+    served_calls = static._REGISTER.findall(served)[-1].split(",")
+    modules = static._module_texts(full, full.rindex(".register(["))
+    kinds = {call: static._module_of(modules, call[:-2]) for call in full_calls}
+    # Every entry of this bundle is identified: 46 trace types and the calendars component.
+    assert None not in kinds.values() and len(full_calls) > 40
+    assert {kinds[c] for c in served_calls} == {("trace", "bar"), ("trace", "heatmap"), ("trace", "histogram"),
+                                                 ("component", "calendars")}
+    # Only the register list differs: the text before and after it is the bundle's own.
+    cut = full.rindex(".register([")
+    assert served[:cut] == full[:cut] and served.endswith(full[full.index("])", cut):])
+
+
+def test_trimming_refuses_a_bundle_it_does_not_understand() -> None:
+    from dashboards import static
+
+    with pytest.raises(ValueError, match="no register"):
+        static.trim_traces("window.Plotly = {};", static.FIGURE_TRACES)
+    # A wanted trace type the bundle does not have: the caller serves the bundle whole.
+    with pytest.raises(ValueError, match="sankey9"):
+        static.trim_traces(static.plotly_js(), frozenset({"bar", "sankey9"}))
