@@ -593,15 +593,20 @@ def hour_cache_for(store: Store) -> HourCache:
 
 def warm_overview(store: Store, span: timedelta = timedelta(hours=24)) -> None:
     """Count the dashboard's default range (the last 24 hours of stored data) into the hour
-    cache, so the first page load after a start reads only the hours that change."""
+    cache and draw its figures once, so the first page load after a start reads only the hours
+    that change and finds plotly's figure code already loaded."""
+    from dashboards.figures import FIGURES, OVERVIEW
+
     started = time.perf_counter()
     try:
         reader = FrameReader(store)
         stored = reader.stored_range()
         if stored is None:
             return
-        since = max(stored[0], stored[1] - span)
-        reader.aggregates(Span(since, stored[1]))
+        range_ = Span(max(stored[0], stored[1] - span), stored[1])
+        reader.aggregates(range_)
+        for name in OVERVIEW:
+            FIGURES[name](**LOADERS[name](reader, range_)).to_json()
     except Exception as exc:  # noqa: BLE001 - warming is an optimisation; a page load reads what it needs
         log.info("dashboard warm-up skipped: %s", str(exc).splitlines()[:1])
         return
