@@ -342,12 +342,14 @@ class FrameReader:
     def requests_over_time(self, span: Span) -> dict[str, Any]:
         traffic = self.aggregates(span).traffic
         frame = _rebucket(traffic, span.bucket, ["outcome"])
-        return {"frame": frame, "alerts": self.alerts_frame(span.since, span.until), "tz": span.tz}
+        return {"frame": frame, "alerts": self.alerts_frame(span.since, span.until), "tz": span.tz,
+                "since": span.since, "until": span.until}
 
     def auth_failures_over_time(self, span: Span) -> dict[str, Any]:
         traffic = self.aggregates(span).traffic
         failed = traffic[traffic["outcome"] == Outcome.AUTH_FAILED.value]
-        return {"frame": _rebucket(failed, span.bucket, ["service"]), "tz": span.tz}
+        return {"frame": _rebucket(failed, span.bucket, ["service"]), "tz": span.tz, "since": span.since,
+                "until": span.until}
 
     def failure_heatmap(self, span: Span) -> dict[str, Any]:
         traffic = self.aggregates(span).traffic
@@ -372,7 +374,8 @@ class FrameReader:
         return {"frame": countries_frame(self.aggregates(span).ips)}
 
     def alert_timeline(self, span: Span) -> dict[str, Any]:
-        return {"frame": self.alerts_frame(span.since, span.until), "tz": span.tz}
+        return {"frame": self.alerts_frame(span.since, span.until), "tz": span.tz, "since": span.since,
+                "until": span.until}
 
     def alert_activity(self, alert: dict[str, Any], tz: str | None = None) -> dict[str, Any]:
         """The alert's entity from well before its window to after it, with the range plotted."""

@@ -128,6 +128,13 @@ def _severity_name(value: Any) -> str:
         return "info"
 
 
+def _time_axis(since: datetime | None, until: datetime | None) -> dict[str, Any]:
+    """Layout fixing the time axis to [since, until] when both are known (else plotly fits the data)."""
+    if since is None or until is None:
+        return {}
+    return {"xaxis_range": _iso([since, until])}
+
+
 def _outcome_bars(frame: pd.DataFrame, tz: str | None) -> list[go.Bar]:
     bars = []
     for outcome in _outcome_sorted(frame["outcome"].astype(str)):
@@ -150,26 +157,33 @@ def _outcome_bars(frame: pd.DataFrame, tz: str | None) -> list[go.Bar]:
 
 
 def requests_over_time(
-    frame: pd.DataFrame, *, alerts: pd.DataFrame | None = None, tz: str | None = None
+    frame: pd.DataFrame, *, alerts: pd.DataFrame | None = None, tz: str | None = None,
+    since: datetime | None = None, until: datetime | None = None,
 ) -> go.Figure:
     """Stacked bars of requests per time bucket, one trace per outcome, with a marker per alert.
 
     Frame columns: `bucket` (UTC timestamp of the bucket start), `outcome`, `count`. `alerts`
     (optional): `window_start`, `severity`, `title` (and `detector`); each becomes a triangle
     above the bars at its start, coloured by severity. `tz`: the viewer's zone for hover texts.
+    `since`/`until`: the range asked for, which the time axis then shows whole and no more (an
+    alert that began before it is marked at its left edge).
     """
     title = "Requests over time by outcome"
     if frame.empty:
         return _empty(title)
     fig = go.Figure(_outcome_bars(frame, tz))
-    layout: dict[str, Any] = {}
+    layout: dict[str, Any] = _time_axis(since, until)
     if alerts is not None and not alerts.empty:
         marks = alerts.assign(sev=[_severity_name(s) for s in alerts["severity"]]).sort_values("window_start")
+        starts = _utc(marks["window_start"])
+        if since is not None:
+            starts = pd.DatetimeIndex(pd.Series(starts).clip(lower=pd.Timestamp(since)))
+        marks = marks.assign(shown_at=list(starts))
         for sev in [str(s) for s in Severity if str(s) in set(marks["sev"])]:
             part = marks[marks["sev"] == sev]
             fig.add_trace(
                 go.Scatter(
-                    x=_iso(part["window_start"]),
+                    x=_iso(part["shown_at"]),
                     # On a hidden 0..1 axis: always just above the bars, whatever their height.
                     y=[0.97] * len(part),
                     yaxis="y2",
@@ -188,10 +202,13 @@ def requests_over_time(
     )
 
 
-def auth_failures_over_time(frame: pd.DataFrame, *, tz: str | None = None) -> go.Figure:
+def auth_failures_over_time(
+    frame: pd.DataFrame, *, tz: str | None = None, since: datetime | None = None, until: datetime | None = None
+) -> go.Figure:
     """Failed authentications per time bucket, one line per service (API keys, SMTP AUTH…).
 
     Frame columns: `bucket` (UTC), `service`, `count` (events with outcome auth_failed).
+    `since`/`until`: the range asked for, shown whole on the time axis.
     """
     title = "Authentication failures over time"
     if frame.empty:
@@ -212,7 +229,8 @@ def auth_failures_over_time(frame: pd.DataFrame, *, tz: str | None = None) -> go
                 hovertemplate="%{customdata}<br>%{y:,} failed (" + service + ")<extra></extra>",
             )
         )
-    return _style(fig, title, xaxis_title=UTC_AXIS, yaxis_title="failed authentications", yaxis_rangemode="tozero")
+    return _style(fig, title, xaxis_title=UTC_AXIS, yaxis_title="failed authentications", yaxis_rangemode="tozero",
+                  **_time_axis(since, until))
 
 
 def failure_heatmap(
@@ -460,11 +478,14 @@ def countries_map(frame: pd.DataFrame) -> go.Figure:
 # ---- alerts --------------------------------------------------------------------------------------
 
 
-def alert_timeline(frame: pd.DataFrame, *, tz: str | None = None) -> go.Figure:
+def alert_timeline(
+    frame: pd.DataFrame, *, tz: str | None = None, since: datetime | None = None, until: datetime | None = None
+) -> go.Figure:
     """Alerts as segments from window start to end, one row per detector, coloured by severity.
 
     Frame columns: `detector`, `severity` (name or level), `window_start`, `window_end`, `title`
-    (and optionally `entity`, `status`).
+    (and optionally `entity`, `status`). `since`/`until`: the range asked for: the time axis shows
+    it whole and no more, so an alert that overlaps it is drawn up to its edge.
     """
     title = "Alerts by detector and severity"
     if frame.empty:
@@ -497,7 +518,7 @@ def alert_timeline(frame: pd.DataFrame, *, tz: str | None = None) -> go.Figure:
     detectors = sorted(set(marks["detector"].astype(str)))
     height = max(260, 140 + 34 * len(detectors))
     return _style(fig, title, xaxis_title=UTC_AXIS, yaxis={"type": "category", "categoryorder": "array",
-                  "categoryarray": detectors[::-1]}, height=height, hovermode="closest")
+                  "categoryarray": detectors[::-1]}, height=height, hovermode="closest", **_time_axis(since, until))
 
 
 def score_distribution(

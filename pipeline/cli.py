@@ -195,12 +195,18 @@ def detect(
     build_detectors(settings.detectors)  # a typo in [detectors] fails now, even with nothing stored yet
     store = Store.open(settings.database_url, read_url=settings.read_database_url, must_exist=True)
     try:
+        stored = store.event_time_range()
         summary = detect_range(store, settings, start, end)
         _apply_silences(store)
     finally:
         store.close()
-    if summary.since is None:
+    if stored is None or summary.since is None or summary.until is None:
         out.print("no events stored yet: run `mailwarden ingest` first")
+        return
+    if summary.since > summary.until:
+        # Clamped to the stored span, the range was empty: it lies wholly before or after it.
+        first, last = stored
+        out.print(f"no stored events in that range: the store holds {first:%Y-%m-%d %H:%M} .. {last:%Y-%m-%d %H:%M} UTC")
         return
     per = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_detector.items())) or "none"
     out.print(

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from pipeline.config import Settings
 from pipeline.parsers import PARSERS, ParseContext, Parser, _load_builtin
 from pipeline.parsers.auto import sniff_format
-from pipeline.parsers.base import empty_events
+from pipeline.parsers.base import MAX_YEAR, MIN_YEAR, empty_events
 from pipeline.privacy import fingerprint, redact_texts
 from pipeline.schema import (
     EVENT_COLUMNS,
@@ -248,11 +248,18 @@ def prepare_batch(
             event_id_expr(source_key, pl.col("_offset")).alias("event_id"),
             (pl.lit(f"{batch.path}:") + pl.col("_offset").cast(pl.String)).alias("origin"),
         ).drop("_offset")
-        # An event needs a time; a parser that gave none has in effect rejected the line.
-        missing_ts = frame.filter(pl.col("ts").is_null())["row"].to_list()
-        if missing_ts:
-            rejected = [*rejected, *((r, "no timestamp") for r in missing_ts)]
-            frame = frame.filter(pl.col("ts").is_not_null())
+        # An event needs a time within MIN_YEAR..MAX_YEAR; a parser that gave none (or one out of
+        # those years, whatever the format) has in effect rejected the line.
+        year = pl.col("ts").dt.year()
+        unusable = frame.filter(pl.col("ts").is_null() | (year < MIN_YEAR) | (year >= MAX_YEAR))
+        if unusable.height:
+            # One wording per cause (the summary counts lines by reason); the raw line has the date.
+            out_of_range = f"timestamp outside the years {MIN_YEAR}-{MAX_YEAR - 1}"
+            rejected = [*rejected, *(
+                (r, "no timestamp" if ts is None else out_of_range)
+                for r, ts in zip(unusable["row"].to_list(), unusable["ts"].to_list())
+            )]
+            frame = frame.filter(pl.col("ts").is_not_null() & (year >= MIN_YEAR) & (year < MAX_YEAR))
     else:
         frame = empty_events().with_columns(
             pl.lit(None, pl.String).alias("event_id"), pl.lit(None, pl.String).alias("origin")
@@ -773,8 +780,10 @@ def detect_range(
     stored = store.event_time_range()
     if stored is None:
         return DetectSummary(since, until)
-    since = since or stored[0]
-    until = until or stored[1]
+    # Only the stored span can hold events: a range of centuries (a typo, year 9999) would
+    # otherwise be stepped through day by day.
+    since = max(since or stored[0], stored[0])
+    until = min(until or stored[1], stored[1])
     summary = DetectSummary(since, until)
     detectors, allowlists = build_pack(store, settings, only)
     if not detectors or since > until:

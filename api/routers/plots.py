@@ -54,13 +54,17 @@ def plot(
         known = ", ".join(["alert_activity", *FIGURES_BY_RANGE])
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no figure {name!r} (known: {known})")
     since, until = as_utc(since), as_utc(until)
-    if since is None or until is None:
-        # Time comes from the data: a replayed month plots the same as it did live.
-        stored = queries.store.event_time_range()
-        if stored is None:
-            return _json(FIGURES[name](pd.DataFrame()))
-        since, until = since or stored[0], until or stored[1]
-    check_range(since, until)
+    if since is not None and until is not None:
+        check_range(since, until)
+    # Time comes from the data: a replayed month plots the same as it did live. Only the stored
+    # span can hold events, so the range is cut to it (years 0001..9999 would be counted bucket by
+    # bucket); a range outside it draws the empty figure.
+    stored = reader.stored_range()
+    if stored is None:
+        return _json(FIGURES[name](pd.DataFrame()))
+    since, until = max(since or stored[0], stored[0]), min(until or stored[1], stored[1])
+    if since > until:
+        return _json(FIGURES[name](pd.DataFrame()))
     return _json(FIGURES[name](**LOADERS[name](reader, Span(since, until, tz))))
 
 

@@ -13,6 +13,11 @@ import polars as pl
 
 from pipeline.schema import PARSED_COLUMNS, Outcome, polars_schema
 
+# Event times are kept only within these years (the last excluded). A log line dated 0001 or 9999
+# is a broken clock or a forged line, and one of them would stretch every range computed over the
+# store (days to step through, buckets to draw) across millennia.
+MIN_YEAR, MAX_YEAR = 1970, 2200
+
 
 @dataclass
 class ParseContext:

@@ -16,6 +16,8 @@ import polars as pl
 
 from pipeline.parsers import register
 from pipeline.parsers.base import (
+    MAX_YEAR,
+    MIN_YEAR,
     ParseContext,
     ParsedBatch,
     Parser,
@@ -161,7 +163,7 @@ _IPV4_PORT = r"^([0-9.]+):\d+$"
 _ABSOLUTE_URL = r"^(?i)([a-z][a-z0-9+.-]*)://[^/?#]*(.*)$"
 _ROUTE_KEY = r"^([A-Za-z]+)\s+(\S.*)$"
 # Plausible event times; also keeps every value convertible to a Python datetime downstream.
-_MIN_YEAR, _MAX_YEAR = 1970, 2200
+_MIN_YEAR, _MAX_YEAR = MIN_YEAR, MAX_YEAR
 _REASON_VALUE_CHARS = 64
 
 

@@ -53,6 +53,28 @@ def test_requests_over_time_stacks_outcomes_and_marks_alerts() -> None:
     assert "00:10 UTC" in marker.customdata[0][1] and "01:10 CET" in marker.customdata[0][1]
 
 
+def test_time_figures_show_the_asked_range_whole_and_no_more() -> None:
+    """An alert that began days before the range used to stretch the axis back to its start."""
+    since, until = T0, T0 + timedelta(hours=24)
+    frame = pd.DataFrame({"bucket": pd.to_datetime([T0 + timedelta(hours=2)], utc=True), "outcome": ["auth_failed"],
+                          "service": ["api"], "count": [5]})
+    alerts = pd.DataFrame({"window_start": [T0 - timedelta(days=3), T0 + timedelta(hours=5)],
+                           "window_end": [T0 + timedelta(hours=1), T0 + timedelta(hours=6)], "severity": [40, 30],
+                           "detector": ["key_sprawl", "ip_burst"], "title": ["old and ongoing", "new"]})
+    axis = [since.isoformat(), until.isoformat()]
+    fig = figures.requests_over_time(frame, alerts=alerts, since=since, until=until)
+    assert list(fig.layout.xaxis.range) == axis
+    marks = {t.name: list(t.x) for t in fig.data if t.type == "scatter"}
+    # The older alert is marked at the range's left edge; its hover keeps its real start.
+    assert marks == {"high alert": [since.isoformat()], "medium alert": [(T0 + timedelta(hours=5)).isoformat()]}
+    high = next(t for t in fig.data if t.name == "high alert")
+    assert high.customdata[0][1].startswith((T0 - timedelta(days=3)).strftime("%Y-%m-%d %H:%M"))
+    assert list(figures.auth_failures_over_time(frame, since=since, until=until).layout.xaxis.range) == axis
+    assert list(figures.alert_timeline(alerts, since=since, until=until).layout.xaxis.range) == axis
+    # Without a range plotly fits the data, as before.
+    assert figures.requests_over_time(frame, alerts=alerts).layout.xaxis.range is None
+
+
 def test_failure_heatmap_counts_by_weekday_hour_and_blanks_uncovered_hours() -> None:
     stamps = [T0 + timedelta(hours=h, minutes=m) for h in (0, 0, 5, 26) for m in (1, 2)]
     frame = pd.DataFrame({"bucket": pd.to_datetime(stamps, utc=True), "count": [1, 2, 3, 4, 5, 6, 7, 8]})

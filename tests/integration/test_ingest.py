@@ -264,3 +264,39 @@ def test_awkward_text_values_survive_the_bulk_path_unchanged(database_url: str) 
     assert set(back["ts"].astype(str)) == {"2026-03-29 01:59:59.123456+00:00"}
     assert set(back["source_ip"]) == {"2001:db8::1"}
     store.close()
+
+
+def test_lines_dated_outside_1970_to_2199_are_quarantined_in_every_format(database_url: str, tmp_path: Path) -> None:
+    """One line dated 9999 used to be stored from combined logs and then broke detect, the report
+    and the plots; every format now quarantines it, and the good lines around it are stored."""
+    combined = tmp_path / "access.log"
+    combined.write_text("".join(
+        f'203.0.113.5 - - [03/Nov/{year}:10:00:00 +0000] "GET /v1/send HTTP/1.1" 200 12 "-" "curl"\n'
+        for year in ("2026", "9999", "0001", "1969", "2199", "1970")
+    ))
+    api = tmp_path / "api.jsonl"
+    api.write_text("".join(
+        f'{{"time": "{year}-11-03T10:00:00Z", "client_ip": "198.51.100.7", "method": "POST", '
+        f'"path": "/v1/send", "status": 200}}\n'
+        for year in ("2026", "9999", "2200")
+    ))
+    syslog = tmp_path / "mail.log"
+    syslog.write_text(
+        "2026-11-03T10:00:00+00:00 mx1 postfix/smtpd[42]: warning: unknown[192.0.2.9]: SASL LOGIN "
+        "authentication failed: UGFzc3dvcmQ6\n"
+        "9999-11-03T10:00:00+00:00 mx1 postfix/smtpd[42]: warning: unknown[192.0.2.9]: SASL LOGIN "
+        "authentication failed: UGFzc3dvcmQ6\n"
+    )
+    store = Store.open(database_url)
+    try:
+        settings = _settings(database_url, tmp_path)
+        results = {p.name: ingest_paths(store, settings, [str(p)], "auto") for p in (combined, api, syslog)}
+        assert {n: (r.events_stored, r.quarantined) for n, r in results.items()} == {
+            "access.log": (3, 3), "api.jsonl": (1, 2), "mail.log": (1, 1)}
+        first, last = store.event_time_range()
+        assert first.year == 1970 and last.year == 2199
+        reasons = store.quarantine_summary()
+        assert reasons["timestamp outside the years 1970-2199"] == 4  # combined 3, syslog 1
+        assert sum(n for reason, n in reasons.items() if "1970-2199" in reason) == 6  # and the JSON parser's 2
+    finally:
+        store.close()
