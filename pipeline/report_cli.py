@@ -159,10 +159,15 @@ def report(
         stored = store.event_time_range()
         if stored is None and (start is None or end is None):
             raise MailwardenError("the store holds no events yet: run `mailwarden ingest` (or `mailwarden demo`) first")
-        start = start or stored[0]
-        end = end or stored[1]
-        if start > end:
+        if start is not None and end is not None and start > end:
             raise MailwardenError("--since is after --until")
+        if stored is not None:
+            # Only the stored span holds events: a range of centuries would be drawn hour by hour.
+            first, last = stored
+            if (start or first) > last or (end or last) < first:
+                raise MailwardenError(f"no stored events in that range: the store holds {first:%Y-%m-%d %H:%M} .. "
+                                      f"{last:%Y-%m-%d %H:%M} UTC")
+            start, end = max(start or first, first), min(end or last, last)
         reader = FrameReader(store)
         span = Span(start, end)
         inputs = {name: LOADERS[name](reader, span) for name in REPORT_FIGURES}

@@ -46,9 +46,11 @@ def plot(
         # The figure names the alert and its entity: reading alerts is needed as well.
         if not principal.allows(Scope.ALERTS_READ):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "alert_activity also needs the alerts:read scope")
-        alert = queries.get_alert(alert_id) if alert_id else None
+        if not alert_id:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "alert_activity needs alert_id")
+        alert = queries.get_alert(alert_id)
         if alert is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert_id!r} (alert_activity needs alert_id)")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert_id!r}")
         return _json(FIGURES[name](**reader.alert_activity(alert, tz)))
     if name not in FIGURES or name not in LOADERS:
         known = ", ".join(["alert_activity", *FIGURES_BY_RANGE])

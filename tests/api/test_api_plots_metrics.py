@@ -88,6 +88,11 @@ def test_top_ips_figure_and_unknown_names(api) -> None:
     assert mars.status_code == 200 and mars.json()["data"] == figure["data"]
     stray = api.client.get("/plots/top_ips?alert_id=zzz", headers=headers)
     assert stray.status_code == 422 and "alert_activity" in stray.json()["detail"]
+    both = api.key("events:read", "alerts:read")
+    bare = api.client.get("/plots/alert_activity", headers=both)
+    assert bare.status_code == 422 and bare.json()["detail"] == "alert_activity needs alert_id"
+    unknown = api.client.get("/plots/alert_activity?alert_id=zzz", headers=both)
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "no alert 'zzz'"
 
 
 def test_plots_on_an_empty_store(sqlite_api) -> None:

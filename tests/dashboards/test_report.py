@@ -118,6 +118,8 @@ def test_report_on_the_demo_store(demo_store, tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["--since", "yesterday"], "is not an ISO-8601 time"),
     (["--since", "2026-12-01T00:00:00Z", "--until", "2026-11-01T00:00:00Z"], "--since is after --until"),
+    # Only --since, after the last stored event: said as such, not as "--since is after --until".
+    (["--since", "2027-01-01T00:00:00Z"], "no stored events in that range: the store holds 2026-11-30 08:00"),
     (["--png", "PNG", "--chromium", "/nonexistent/chromium"], "--png needs a Chromium"),
 ])
 def test_bad_input_is_one_line_error(args: list[str], message: str, tmp_path: Path) -> None:
