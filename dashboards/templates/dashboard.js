@@ -493,7 +493,7 @@
       else if (!state.stored.first) view.replaceChildren(h("section", { class: "panel" },
         h("h2", {}, "No events stored yet"), h("p", {}, "Ingest logs with `mailwarden ingest`, then refresh.")));
       else await loadOverview();
-      document.getElementById("refreshed").textContent = `updated ${new Date().toLocaleTimeString()}`;
+      document.getElementById("refreshed").textContent = `↻ ${new Date().toLocaleTimeString()}`;
       startTimer();
     } catch (error) {
       if (!(error instanceof AuthError)) toast(`Refresh failed: ${error.message}`);
@@ -530,7 +530,7 @@
     const select = document.getElementById("range-preset");
     const kept = sessionStorage.getItem(RANGE_SLOT);
     if (kept && kept !== "custom" && [...select.options].some((o) => o.value === kept)) select.value = kept;
-    document.getElementById("zone-note").textContent = `times in UTC · your zone ${ZONE} (${offsetText()})`;
+    document.getElementById("zone-note").textContent = `UTC times · your zone ${ZONE} (${offsetText()})`;
     document.getElementById("key-form").addEventListener("submit", submitKey);
     document.getElementById("range-preset").addEventListener("change", onPreset);
     document.getElementById("range-apply").addEventListener("click", refresh);
