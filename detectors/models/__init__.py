@@ -35,6 +35,7 @@ import pandas as pd
 
 from detectors.base import Detector
 from detectors.features import Windows, spread_sample, to_timestamp
+from detectors.pushdown import SKIP, Pushdown
 from detectors.rules import as_timedelta, iso, positive_int, up_to_now, usec
 from pipeline.schema import Alert, EntityKind
 
@@ -301,6 +302,11 @@ class IsolationForestDetector(Detector):
         for i in np.flatnonzero(np.isin(entity, list(windows))):
             out[i] = any(start[i] < end and start[i] + bucket > begin for begin, end in windows[entity[i]])
         return out
+
+    def pushdown(self) -> Pushdown | None:
+        """Untrained and not self-fitting, a model is quiet: nothing to load. A trained model scores
+        every entity against its threshold, so it still reads the whole frame (not pushed down)."""
+        return SKIP if self.model_ is None and not self.self_fit else None
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, at_least
 from detectors.features import KeySpace, Timeline, as_mask, entity_codes, micros
 from detectors.history import (
     Habits,
@@ -121,6 +122,12 @@ class ImpossibleTravel(Detector):
         return self
 
     # ---- detection -------------------------------------------------------------------------------
+
+    def pushdown(self) -> Pushdown:
+        """A move needs two places: a credential needs two addresses among its accepted events."""
+        accepted = Rows(none_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
+        return Pushdown(by="credential", measures={"ips": Measure(accepted, distinct="source_ip")},
+                        pick=lambda table: at_least(table, "credential", "ips", 2))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -130,6 +131,13 @@ class KeySprawl(Detector):
         return self
 
     # ---- detection -------------------------------------------------------------------------------
+
+    def pushdown(self) -> Pushdown:
+        """A key needs as many distinct IPs in a window as the new networks or countries it must
+        show there (each new one is a distinct address)."""
+        need = min(self.min_new_networks, self.min_new_countries)
+        return Pushdown(by="api_key_id", bucket=self.window, measures={"ips": Measure(distinct="source_ip")},
+                        pick=lambda table: busy(table, "api_key_id", "ips", need))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

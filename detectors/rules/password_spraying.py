@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -114,6 +115,33 @@ class PasswordSpraying(Detector):
             raise ValueError(f"ignore_known_ips: expected true or false, got {self.ignore_known_ips!r}")
         if self.geo is not None and not isinstance(self.geo, Geo):
             raise ValueError("geo: set by the detect job from geo_city_mmdb/geo_asn_mmdb, not here")
+
+    def pushdown(self) -> Pushdown:
+        """Only IPs with a failure that could count: with `ignore_known_ips`, a failure in a bucket
+        (a 24th of the window) after a login from the same IP in the buckets before it, all inside
+        the window, is never counted, so an IP whose every failure is like that is left out (its
+        logins only ever discount its own failures). The per-account and spread tests sum over
+        the IPs that remain, all of whose rows are loaded."""
+        named = (Clause("api_key_id", "notnull"), Clause("account", "notnull"))
+        failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),), any_of=named)
+        logged_in = Rows(all_of=(Clause("outcome", "eq", Outcome.OK.value),), any_of=named)
+        seconds = int(self.window.total_seconds())
+        parts = 24 if seconds % 24 == 0 and self.window.total_seconds() == seconds else 1
+        width = seconds // parts
+
+        def pick(table: pd.DataFrame) -> set:
+            failing = table[table["failures"] > 0]
+            if not self.ignore_known_ips or parts == 1:
+                return set(failing["source_ip"])
+            logins = table[table["logins"] > 0]
+            seen = set(zip(logins["source_ip"], logins["bucket"], strict=True))
+            return {
+                ip for ip, bucket in zip(failing["source_ip"], failing["bucket"], strict=True)
+                if not any((ip, bucket - k * width) in seen for k in range(1, parts))
+            }
+
+        return Pushdown(by="source_ip", bucket=timedelta(seconds=width), pick=pick,
+                        measures={"failures": Measure(failed), "logins": Measure(logged_in)})
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
 from detectors.features import (
     US_PER_SECOND,
     KeySpace,
@@ -123,6 +124,20 @@ class VolumeSpike(Detector):
         if isinstance(paths, str) or not paths or not all(isinstance(p, str) and p.startswith("/") for p in paths):
             raise ValueError(f"send_paths: expected a list of paths such as ['/v3/mail/send'], got {paths!r}")
         self.send_paths = tuple(paths)
+
+    def pushdown(self) -> Pushdown:
+        """A key needs sends or recipients over the floors in a window (the limits are never
+        lower); sends are counted loosely (any accepted keyed request), which only adds candidates."""
+        keyed = Rows(all_of=(Clause("api_key_id", "notnull"),),
+                     none_of=(Clause("outcome", "in", (Outcome.AUTH_FAILED.value, Outcome.FORBIDDEN.value)),))
+        per_window = usec(self.window) / _HOUR_US
+
+        def pick(table: pd.DataFrame) -> set:
+            return busy(table, "api_key_id", "sends", self.min_sends * per_window) | busy(
+                table, "api_key_id", "recipients", self.min_recipients * per_window)
+
+        return Pushdown(by="api_key_id", bucket=self.window, pick=pick,
+                        measures={"sends": Measure(keyed), "recipients": Measure(keyed, total="recipients")})
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
