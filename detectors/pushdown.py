@@ -25,13 +25,13 @@ import pandas as pd
 # Entity columns a pushdown may group by; "credential" is the key when the event names one, else
 # the account (detectors.history.credentials), as "k:<key>" / "a:<account>".
 ENTITIES = ("source_ip", "api_key_id", "account", "credential")
-OPS = ("eq", "in", "ieq", "null", "notnull", "contains")
+OPS = ("eq", "in", "ieq", "null", "notnull", "contains", "prefix")
 
 
 @dataclass(frozen=True)
 class Clause:
     """One test on a column: eq/in (null never matches), ieq (case-insensitive eq), null, notnull,
-    contains (substring: a superset test for `|`-joined flags)."""
+    contains (substring: a superset test for `|`-joined flags), prefix (case-sensitive starts-with)."""
 
     column: str
     op: str
@@ -55,11 +55,13 @@ class Rows:
 @dataclass(frozen=True)
 class Measure:
     """Per entity and bucket: the number of matching rows, or the sum of a column over them, or
-    the number of distinct values of a column among them."""
+    the number of distinct values of a column among them, or (`first`) the epoch second of the
+    earliest of them (NaN when none)."""
 
     rows: Rows = field(default_factory=Rows)
     total: str | None = None
     distinct: str | None = None
+    first: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,13 @@ class Pushdown:
 
     `by` None with `rows`: the detector reads only those rows. Otherwise the database returns one
     row per (entity, bucket) with the `measures` as columns (`bucket` None: one row per entity over
-    the whole frame) and `pick` names the candidate entities. `skip` means no alert is possible
+    the whole frame; `per`, a column: one row per entity and value of it, e.g. its addresses) and
+    `pick` names the candidate entities. `skip` means no alert is possible
     (e.g. an untrained model), so the detector is not run at all.
     """
 
     by: str | None = None
+    per: str | None = None
     bucket: timedelta | None = None
     measures: Mapping[str, Measure] = field(default_factory=dict)
     pick: Callable[[pd.DataFrame], Iterable[Any]] | None = None
@@ -82,6 +86,8 @@ class Pushdown:
     def __post_init__(self) -> None:
         if self.by is not None and self.by not in ENTITIES:
             raise ValueError(f"cannot push down by {self.by!r} (one of {', '.join(ENTITIES)})")
+        if self.per is not None and self.per not in ENTITIES[:3]:
+            raise ValueError(f"cannot push down per {self.per!r}")
         if self.by is not None and self.pick is None:
             raise ValueError("a pushdown by entity needs a pick")
 
@@ -125,3 +131,21 @@ def at_least(table: pd.DataFrame, by: str, column: str, minimum: float) -> set[A
         return set()
     totals = table.groupby(by, sort=False)[column].sum()
     return set(totals.index[totals.to_numpy() >= minimum])
+
+
+def placed_credentials(geo: Any, need_known: int) -> Pushdown:
+    """Credentials with at least two addresses among their accepted events, `need_known` of them
+    placed in a country by `geo`: where a geography rule can see a credential move or arrive."""
+    from pipeline.schema import Outcome
+
+    accepted = Rows(none_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
+
+    def pick(table: pd.DataFrame) -> set[Any]:
+        if table.empty:
+            return set()
+        placed = geo.countries(pd.Series(table["source_ip"].to_numpy(dtype=object), dtype="string")).notna()
+        per = table.assign(placed=placed.to_numpy(dtype=bool)).groupby("credential", sort=False)
+        ips, known = per["source_ip"].nunique(), per["placed"].sum()
+        return set(ips.index[(ips.to_numpy() >= 2) & (known.to_numpy() >= need_known)])
+
+    return Pushdown(by="credential", per="source_ip", measures={"events": Measure(accepted)}, pick=pick)

@@ -144,6 +144,10 @@ def _clause(clause) -> sa.ColumnElement:
         return sa.and_(column.isnot(None), column.in_(values)) if values else sa.false()
     if clause.op == "ieq":
         return sa.and_(column.isnot(None), sa.func.lower(column) == str(clause.value).lower())
+    if clause.op == "prefix":
+        # substr, not LIKE: SQLite's LIKE ignores case, and the detectors' regexes do not.
+        prefix = str(clause.value)
+        return sa.and_(column.isnot(None), sa.func.substr(column, 1, len(prefix)) == prefix)
     if clause.op == "contains":
         return sa.and_(column.isnot(None), column.contains(str(clause.value), autoescape=True))
     return sa.and_(column.isnot(None), column == clause.value)
@@ -171,7 +175,9 @@ def pushdown_table(engine: Engine, since: datetime, until: datetime, pushdown) -
     for name, measure in pushdown.measures.items():
         condition = rows_condition(measure.rows)
         conditions.append(condition)
-        if measure.distinct is not None:
+        if measure.first:
+            value = sa.func.min(sa.case((condition, epoch_seconds(engine.dialect.name)), else_=sa.null()))
+        elif measure.distinct is not None:
             value = sa.func.count(sa.distinct(sa.case((condition, events.c[measure.distinct]), else_=sa.null())))
         elif measure.total is not None:
             value = sa.func.coalesce(sa.func.sum(sa.case((condition, events.c[measure.total]), else_=0)), 0)
@@ -181,12 +187,14 @@ def pushdown_table(engine: Engine, since: datetime, until: datetime, pushdown) -
     where = [entity.isnot(None), events.c.ts >= _utc(since), events.c.ts <= _utc(until)]
     if conditions:
         where.append(sa.or_(*conditions))  # rows no measure counts only make empty groups
-    group = [entity, bucket] if width else [entity]
-    query = sa.select(entity, bucket, *columns).where(*where).group_by(*group)
+    per = [events.c[pushdown.per].label(pushdown.per)] if pushdown.per else []
+    group = [entity, *per, bucket] if width else [entity, *per]
+    query = sa.select(entity, *per, bucket, *columns).where(*where).group_by(*group)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     names = list(pushdown.measures)
-    frame = pd.DataFrame(rows, columns=[pushdown.by, "bucket", *names])
-    frame = frame.astype({pushdown.by: object, "bucket": "int64", **{n: "float64" for n in names}})
+    keys = [pushdown.by, *([pushdown.per] if pushdown.per else [])]
+    frame = pd.DataFrame(rows, columns=[*keys, "bucket", *names])
+    frame = frame.astype({**{k: object for k in keys}, "bucket": "int64", **{n: "float64" for n in names}})
     frame.attrs["bucket_seconds"] = width
     return frame

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
-from detectors.pushdown import Clause, Measure, Pushdown, Rows, at_least
+from detectors.pushdown import Pushdown, placed_credentials
 from detectors.features import KeySpace, Timeline, as_mask, entity_codes, episodes, spread_sample
 from detectors.history import (
     Habits,
@@ -100,13 +100,12 @@ class NewCountry(Detector):
         return self
 
     def pushdown(self) -> Pushdown | None:
-        """Unfitted, a credential needs two addresses among its accepted events (one address is one
-        country, seen from its first event). A fitted history makes one address enough: not pushed."""
+        """Unfitted, a credential needs two addresses among its accepted events, one of them with a
+        known country (a country first seen on the credential's first event is not new for it). A
+        fitted history makes one address enough: not pushed down."""
         if self.countries_ is not None:
             return None
-        accepted = Rows(none_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
-        return Pushdown(by="credential", measures={"ips": Measure(accepted, distinct="source_ip")},
-                        pick=lambda table: at_least(table, "credential", "ips", 2))
+        return placed_credentials(self.geo or default_geo(), need_known=1)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

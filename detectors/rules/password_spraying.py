@@ -117,11 +117,12 @@ class PasswordSpraying(Detector):
             raise ValueError("geo: set by the detect job from geo_city_mmdb/geo_asn_mmdb, not here")
 
     def pushdown(self) -> Pushdown:
-        """Only IPs with a failure that could count: with `ignore_known_ips`, a failure in a bucket
-        (a 24th of the window) after a login from the same IP in the buckets before it, all inside
-        the window, is never counted, so an IP whose every failure is like that is left out (its
-        logins only ever discount its own failures). The per-account and spread tests sum over
-        the IPs that remain, all of whose rows are loaded."""
+        """Only IPs with a failure that could count. With `ignore_known_ips`, a failure is never
+        counted when the same IP logged in during the window before it, which is sure when the IP
+        logged in during one of the buckets (a 24th of the window) before the failure's, or earlier
+        in the same bucket (its first login a whole second before its first failure there). An IP
+        whose every failure is like that is left out: its logins only discount its own failures.
+        The per-account and spread tests sum over the IPs that remain, all of whose rows are loaded."""
         named = (Clause("api_key_id", "notnull"), Clause("account", "notnull"))
         failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),), any_of=named)
         logged_in = Rows(all_of=(Clause("outcome", "eq", Outcome.OK.value),), any_of=named)
@@ -131,17 +132,23 @@ class PasswordSpraying(Detector):
 
         def pick(table: pd.DataFrame) -> set:
             failing = table[table["failures"] > 0]
-            if not self.ignore_known_ips or parts == 1:
+            if not self.ignore_known_ips:
                 return set(failing["source_ip"])
             logins = table[table["logins"] > 0]
             seen = set(zip(logins["source_ip"], logins["bucket"], strict=True))
-            return {
-                ip for ip, bucket in zip(failing["source_ip"], failing["bucket"], strict=True)
-                if not any((ip, bucket - k * width) in seen for k in range(1, parts))
-            }
+            counted = set()
+            for ip, bucket, first_failure, first_login in zip(
+                failing["source_ip"], failing["bucket"], failing["first_failure"], failing["first_login"], strict=True
+            ):
+                if first_failure > first_login:  # NaN (no login in the bucket) compares False
+                    continue
+                if not any((ip, bucket - k * width) in seen for k in range(1, parts)):
+                    counted.add(ip)
+            return counted
 
-        return Pushdown(by="source_ip", bucket=timedelta(seconds=width), pick=pick,
-                        measures={"failures": Measure(failed), "logins": Measure(logged_in)})
+        measures = {"failures": Measure(failed), "logins": Measure(logged_in),
+                    "first_failure": Measure(failed, first=True), "first_login": Measure(logged_in, first=True)}
+        return Pushdown(by="source_ip", bucket=timedelta(seconds=width), pick=pick, measures=measures)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
