@@ -194,7 +194,10 @@ def pushdown_table(engine: Engine, since: datetime, until: datetime, pushdown) -
         rows = conn.execute(query).all()
     names = list(pushdown.measures)
     keys = [pushdown.by, *([pushdown.per] if pushdown.per else [])]
-    frame = pd.DataFrame(rows, columns=[*keys, "bucket", *names])
+    labels = [*keys, "bucket", *names]
+    # Column by column: pandas probes every SQLAlchemy Row for named-tuple fields otherwise.
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(labels)
+    frame = pd.DataFrame({label: pd.Series(values, dtype=object) for label, values in zip(labels, columns, strict=True)})
     frame = frame.astype({**{k: object for k in keys}, "bucket": "int64", **{n: "float64" for n in names}})
     frame.attrs["bucket_seconds"] = width
     return frame

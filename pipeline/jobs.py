@@ -817,6 +817,7 @@ def detect_range(
         summary.events = _detect_whole(store, whole, allowlists, since, until, step, summary, found)
     else:
         summary.events = _count_events(store, since, until)
+    tables: dict[str, tuple[datetime, pd.DataFrame]] = {}
     for step_start, step_end in _steps(since, until, step) if pushed else ():
         first_events: dict[datetime, int | None] = {}
         for detector in pushed:
@@ -826,7 +827,8 @@ def detect_range(
             allowlist = allowlists.get(detector.name)
             lo = step_start - detector.lookback
             loaded = time.perf_counter()
-            window = _candidate_frame(store, plan, lo, step_end)
+            table = _step_table(store, plan, tables, detector.name, lo, step_end, min(step_start + LOAD_SPAN, until))
+            window = _candidate_frame(store, plan, lo, step_end, table)
             if window is not None and not window.empty and lo not in first_events:
                 first_events[lo] = _first_event_us(store, lo, step_end, allowlist)
             summary.load_seconds += time.perf_counter() - loaded
@@ -881,15 +883,52 @@ def _detect_whole(
 CANDIDATE_CHUNK = 5_000
 
 
-def _candidate_frame(store: Store, plan: Any, since: datetime, until: datetime) -> pd.DataFrame | None:
+def _step_table(
+    store: Store, plan: Any, tables: dict[str, tuple[datetime, pd.DataFrame]], name: str,
+    since: datetime, until: datetime, ahead: datetime,
+) -> pd.DataFrame | None:
+    """A pushdown's aggregate for the step [since, until]. Bucketed ones are computed once up to
+    `ahead` and cut per step (buckets overlapping the step: the edge buckets count a little more
+    than the step holds, which only adds candidates); `attrs["since"]` says where the step begins."""
+    from pipeline.aggregates import pushdown_table
+
+    if plan.by is None:
+        return None
+    if plan.bucket is None or plan.per is not None:
+        table = pushdown_table(store.read_engine, since, until, plan)
+    else:
+        cached = tables.get(name)
+        if cached is None or cached[0] < until:
+            cached = (max(ahead, until), pushdown_table(store.read_engine, since, max(ahead, until), plan))
+            tables[name] = cached
+        whole = cached[1]
+        width = whole.attrs["bucket_seconds"]
+        lo, hi = _epoch_seconds(since), _epoch_seconds(until)
+        bucket = whole["bucket"].to_numpy()
+        table = whole[(bucket + width > lo) & (bucket <= hi)]
+        table.attrs = dict(whole.attrs)
+    table.attrs["since"] = _epoch_seconds(since)
+    return table
+
+
+def _epoch_seconds(at: datetime) -> float:
+    return (_utc(at) - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()
+
+
+def _candidate_frame(
+    store: Store, plan: Any, since: datetime, until: datetime, table: pd.DataFrame | None = None
+) -> pd.DataFrame | None:
     """The rows a pushed-down detector needs over [since, until]: its `rows`, and every row of the
-    entities its `pick` chose from the database's aggregate. None when there are none."""
+    entities its `pick` chose from the database's aggregate (`table`, else computed here). None
+    when there are none."""
     from pipeline.aggregates import entity_column, pushdown_table, rows_condition
 
     own = sa.or_(*[rows_condition(r) for r in plan.rows]) if plan.rows else None
     chosen: list[Any] = []
     if plan.by is not None:
-        table = pushdown_table(store.read_engine, since, until, plan)
+        if table is None:
+            table = pushdown_table(store.read_engine, since, until, plan)
+            table.attrs["since"] = _epoch_seconds(since)
         chosen = sorted(plan.pick(table), key=str)
     if own is None and not chosen:
         return None

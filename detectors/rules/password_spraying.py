@@ -134,13 +134,16 @@ class PasswordSpraying(Detector):
             failing = table[table["failures"] > 0]
             if not self.ignore_known_ips:
                 return set(failing["source_ip"])
-            logins = table[table["logins"] > 0]
+            # A bucket that begins before the frame may hold logins the detector does not see.
+            inside = table["bucket"] >= table.attrs.get("since", -np.inf)
+            logins = table[(table["logins"] > 0) & inside]
             seen = set(zip(logins["source_ip"], logins["bucket"], strict=True))
             counted = set()
-            for ip, bucket, first_failure, first_login in zip(
-                failing["source_ip"], failing["bucket"], failing["first_failure"], failing["first_login"], strict=True
+            first_login = failing["first_login"].where(inside[failing.index], np.nan)
+            for ip, bucket, first_failure, login in zip(
+                failing["source_ip"], failing["bucket"], failing["first_failure"], first_login, strict=True
             ):
-                if first_failure > first_login:  # NaN (no login in the bucket) compares False
+                if first_failure > login:  # NaN (no login in the bucket) compares False
                     continue
                 if not any((ip, bucket - k * width) in seen for k in range(1, parts)):
                     counted.add(ip)

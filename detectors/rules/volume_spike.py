@@ -146,14 +146,15 @@ class VolumeSpike(Detector):
         if not floors or 3600 % width:
             return floors
         table = table[table["api_key_id"].isin(floors)].sort_values(["api_key_id", "bucket"])
-        keys, row = np.unique(table["api_key_id"].to_numpy(dtype=object), return_inverse=True)
+        row, keys = pd.factorize(table["api_key_id"].to_numpy(dtype=object))
+        keys = np.asarray(keys, dtype=object)
         hour = table["bucket"].to_numpy() // 3600
         first_hour = int(hour.min())
         column = hour - first_hour + HISTORY_HOURS  # HISTORY_HOURS of zeros before the first
         shape = (len(keys), int(column.max()) + 1)
-        sent, reached = np.zeros(shape), np.zeros(shape)
-        np.add.at(sent, (row, column), table["sends"].to_numpy())
-        np.add.at(reached, (row, column), table["recipients"].to_numpy())
+        cell = row * shape[1] + column
+        sent = np.bincount(cell, weights=table["sends"].to_numpy(), minlength=shape[0] * shape[1]).reshape(shape)
+        reached = np.bincount(cell, weights=table["recipients"].to_numpy(), minlength=shape[0] * shape[1]).reshape(shape)
         # Judged: a send in [H - HISTORY_HOURS, H - min_history] (hours outside the frame never).
         earliest = HISTORY_HOURS - int(self.min_history.total_seconds() // 3600)
         history = np.lib.stride_tricks.sliding_window_view(sent > 0, HISTORY_HOURS, axis=1)[:, :-1]
