@@ -817,7 +817,7 @@ def detect_range(
         summary.events = _detect_whole(store, whole, allowlists, since, until, step, summary, found)
     else:
         summary.events = _count_events(store, since, until)
-    tables: dict[str, tuple[datetime, pd.DataFrame]] = {}
+    tables: dict[str, tuple[datetime, datetime, pd.DataFrame]] = {}
     for step_start, step_end in _steps(since, until, step) if pushed else ():
         first_events: dict[datetime, int | None] = {}
         for detector in pushed:
@@ -884,30 +884,31 @@ CANDIDATE_CHUNK = 5_000
 
 
 def _step_table(
-    store: Store, plan: Any, tables: dict[str, tuple[datetime, pd.DataFrame]], name: str,
+    store: Store, plan: Any, tables: dict[str, tuple[datetime, datetime, pd.DataFrame]], name: str,
     since: datetime, until: datetime, ahead: datetime,
 ) -> pd.DataFrame | None:
     """A pushdown's aggregate for the step [since, until]. Bucketed ones are computed once up to
     `ahead` and cut per step (buckets overlapping the step: the edge buckets count a little more
-    than the step holds, which only adds candidates); `attrs["since"]` says where the step begins."""
+    than the step holds, which only adds candidates). When the first bucket also holds rows from
+    before the step, `attrs["since"]` says where the step begins."""
     from pipeline.aggregates import pushdown_table
 
     if plan.by is None:
         return None
     if plan.bucket is None or plan.per is not None:
-        table = pushdown_table(store.read_engine, since, until, plan)
-    else:
-        cached = tables.get(name)
-        if cached is None or cached[0] < until:
-            cached = (max(ahead, until), pushdown_table(store.read_engine, since, max(ahead, until), plan))
-            tables[name] = cached
-        whole = cached[1]
-        width = whole.attrs["bucket_seconds"]
-        lo, hi = _epoch_seconds(since), _epoch_seconds(until)
-        bucket = whole["bucket"].to_numpy()
-        table = whole[(bucket + width > lo) & (bucket <= hi)]
-        table.attrs = dict(whole.attrs)
-    table.attrs["since"] = _epoch_seconds(since)
+        return pushdown_table(store.read_engine, since, until, plan)
+    cached = tables.get(name)
+    if cached is None or cached[1] < until:
+        cached = (since, max(ahead, until), pushdown_table(store.read_engine, since, max(ahead, until), plan))
+        tables[name] = cached
+    computed_from, _, whole = cached
+    width = whole.attrs["bucket_seconds"]
+    lo, hi = _epoch_seconds(since), _epoch_seconds(until)
+    bucket = whole["bucket"].to_numpy()
+    table = whole[(bucket + width > lo) & (bucket <= hi)]
+    table.attrs = dict(whole.attrs)
+    if computed_from < since:
+        table.attrs["since"] = lo
     return table
 
 
@@ -928,7 +929,6 @@ def _candidate_frame(
     if plan.by is not None:
         if table is None:
             table = pushdown_table(store.read_engine, since, until, plan)
-            table.attrs["since"] = _epoch_seconds(since)
         chosen = sorted(plan.pick(table), key=str)
     if own is None and not chosen:
         return None
