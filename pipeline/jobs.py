@@ -819,7 +819,7 @@ def detect_range(
         summary.events = _count_events(store, since, until)
     tables: dict[str, tuple[datetime, datetime, pd.DataFrame]] = {}
     for step_start, step_end in _steps(since, until, step) if pushed else ():
-        first_events: dict[datetime, int | None] = {}
+        first_events: dict[tuple[datetime, int], int | None] = {}  # per (lookback start, allowlist)
         for detector in pushed:
             plan = plans[detector.name]
             if plan.skip:
@@ -829,13 +829,14 @@ def detect_range(
             loaded = time.perf_counter()
             table = _step_table(store, plan, tables, detector.name, lo, step_end, min(step_start + LOAD_SPAN, until))
             window = _candidate_frame(store, plan, lo, step_end, table)
-            if window is not None and not window.empty and lo not in first_events:
-                first_events[lo] = _first_event_us(store, lo, step_end, allowlist)
+            known = (lo, id(allowlist))
+            if window is not None and not window.empty and known not in first_events:
+                first_events[known] = _first_event_us(store, lo, step_end, allowlist)
             summary.load_seconds += time.perf_counter() - loaded
-            if window is None or window.empty or first_events[lo] is None:
+            if window is None or window.empty or first_events[known] is None:
                 continue
             ran = time.perf_counter()
-            with _frame_start(first_events[lo]):
+            with _frame_start(first_events[known]):
                 for alert in detect_allowed(detector, window, step_end, allowlist):
                     found[alert.alert_id] = alert
             summary.seconds_by_detector[detector.name] += time.perf_counter() - ran
@@ -949,7 +950,7 @@ def _first_event_us(store: Store, since: datetime, until: datetime, allowlist: A
 
     columns = [events_table.c.ts, events_table.c.source_ip, events_table.c.api_key_id, events_table.c.account]
     query = (sa.select(*columns).where(events_table.c.ts >= _utc(since), events_table.c.ts <= _utc(until))
-             .order_by(events_table.c.ts))
+             .order_by(events_table.c.ts, events_table.c.event_id))
     batch, offset = 1, 0
     with store.read_engine.connect() as conn:
         while True:
