@@ -71,7 +71,9 @@ class Pushdown:
     `by` None with `rows`: the detector reads only those rows. Otherwise the database returns one
     row per (entity, bucket) with the `measures` as columns (`bucket` None: one row per entity over
     the whole frame; `per`, a column: one row per entity and value of it, e.g. its addresses) and
-    `pick` names the candidate entities. `skip` means no alert is possible
+    `pick` names the candidate entities. `local`: an entity's alerts depend on its rows alone (not
+    on other entities', as a subnet's or a spray's do), so the job may run the candidates in
+    groups, which bounds memory even when many entities qualify. `skip` means no alert is possible
     (e.g. an untrained model), so the detector is not run at all.
     """
 
@@ -82,6 +84,7 @@ class Pushdown:
     pick: Callable[[pd.DataFrame], Iterable[Any]] | None = None
     rows: tuple[Rows, ...] = ()
     skip: bool = False
+    local: bool = False
 
     def __post_init__(self) -> None:
         if self.by is not None and self.by not in ENTITIES:
@@ -148,4 +151,4 @@ def placed_credentials(geo: Any, need_known: int) -> Pushdown:
         ips, known = per["source_ip"].nunique(), per["placed"].sum()
         return set(ips.index[(ips.to_numpy() >= 2) & (known.to_numpy() >= need_known)])
 
-    return Pushdown(by="credential", per="source_ip", measures={"events": Measure(accepted)}, pick=pick)
+    return Pushdown(by="credential", per="source_ip", measures={"events": Measure(accepted)}, pick=pick, local=True)

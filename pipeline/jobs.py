@@ -598,7 +598,7 @@ def _aware(value: Any) -> datetime:
 def load_frame(store: Store, since: datetime, until: datetime, where: Any = None) -> pd.DataFrame:
     """Events with since <= ts <= until as the detectors' frame, sorted by (ts, event_id); with
     `where` (a SQLAlchemy condition on `events`, or a list of them whose rows are told apart, see
-    _candidate_frame) only the rows it selects.
+    _candidate_frames) only the rows it selects.
 
     Columnar where it counts (blocks of raw sqlite3 rows into typed polars columns; COPY from
     PostgreSQL): SQLAlchemy's per-row work cost ten times what the whole detector pack does.
@@ -784,6 +784,7 @@ def detect_range(
     step: timedelta = DETECT_STEP,
     only: set[str] | None = None,
     bounded: bool = True,
+    chunk_rows: int | None = None,
 ) -> DetectSummary:
     """Run every enabled detector over [since, until] (default: the stored range), in steps.
 
@@ -795,7 +796,8 @@ def detect_range(
     `bounded` (the default): a detector that describes a pushdown (detectors.pushdown) gets only
     the rows of its candidate entities, chosen per step by an aggregate in the database, so memory
     follows the suspicious traffic, not the raw events; the others get the whole frame as before.
-    The alerts are the same either way (tests/integration/test_bounded_detect.py).
+    The alerts are the same either way (tests/integration/test_bounded_detect.py). Candidates of a
+    `local` pushdown run in groups of at most `chunk_rows` rows (default CHUNK_ROWS).
     """
     started = time.perf_counter()
     stored = store.event_time_range()
@@ -817,6 +819,7 @@ def detect_range(
         summary.events = _detect_whole(store, whole, allowlists, since, until, step, summary, found)
     else:
         summary.events = _count_events(store, since, until)
+    chunk_rows = chunk_rows or CHUNK_ROWS
     tables: dict[str, tuple[datetime, datetime, pd.DataFrame]] = {}
     for step_start, step_end in _steps(since, until, step) if pushed else ():
         first_events: dict[tuple[datetime, int], int | None] = {}  # per (lookback start, allowlist)
@@ -826,20 +829,22 @@ def detect_range(
                 continue
             allowlist = allowlists.get(detector.name)
             lo = step_start - detector.lookback
+            known = (lo, id(allowlist))
             loaded = time.perf_counter()
             table = _step_table(store, plan, tables, detector.name, lo, step_end, min(step_start + LOAD_SPAN, until))
-            window = _candidate_frame(store, plan, lo, step_end, table)
-            known = (lo, id(allowlist))
-            if window is not None and not window.empty and known not in first_events:
-                first_events[known] = _first_event_us(store, lo, step_end, allowlist)
+            for window in _candidate_frames(store, plan, lo, step_end, table, chunk_rows):
+                if not window.empty and known not in first_events:
+                    first_events[known] = _first_event_us(store, lo, step_end, allowlist)
+                summary.load_seconds += time.perf_counter() - loaded
+                if not window.empty and first_events[known] is not None:
+                    ran = time.perf_counter()
+                    with _frame_start(first_events[known]):
+                        for alert in detect_allowed(detector, window, step_end, allowlist):
+                            found[alert.alert_id] = alert
+                    summary.seconds_by_detector[detector.name] += time.perf_counter() - ran
+                del window
+                loaded = time.perf_counter()
             summary.load_seconds += time.perf_counter() - loaded
-            if window is None or window.empty or first_events[known] is None:
-                continue
-            ran = time.perf_counter()
-            with _frame_start(first_events[known]):
-                for alert in detect_allowed(detector, window, step_end, allowlist):
-                    found[alert.alert_id] = alert
-            summary.seconds_by_detector[detector.name] += time.perf_counter() - ran
     summary.alerts = merge_with_stored(store, merge_overlapping(list(found.values())))
     summary.alerts_found = len(summary.alerts)
     summary.by_detector.update(a.detector for a in summary.alerts)
@@ -882,6 +887,9 @@ def _detect_whole(
 
 # Candidate entities per load query: keeps each statement's text (values are inlined) small.
 CANDIDATE_CHUNK = 5_000
+# Rows one group of candidates of a `local` pushdown brings into memory at most (unless a single
+# entity has more): about 0.5 GB as the detectors' frame.
+CHUNK_ROWS = 1_000_000
 
 
 def _step_table(
@@ -917,12 +925,12 @@ def _epoch_seconds(at: datetime) -> float:
     return (_utc(at) - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()
 
 
-def _candidate_frame(
-    store: Store, plan: Any, since: datetime, until: datetime, table: pd.DataFrame | None = None
-) -> pd.DataFrame | None:
+def _candidate_frames(
+    store: Store, plan: Any, since: datetime, until: datetime, table: pd.DataFrame | None, chunk_rows: int
+) -> Iterator[pd.DataFrame]:
     """The rows a pushed-down detector needs over [since, until]: its `rows`, and every row of the
-    entities its `pick` chose from the database's aggregate (`table`, else computed here). None
-    when there are none."""
+    entities its `pick` chose from the database's aggregate (`table`, else computed here). One frame,
+    or for a `local` pushdown one per group of candidates holding at most `chunk_rows` rows."""
     from pipeline.aggregates import entity_column, pushdown_table, rows_condition
 
     own = sa.or_(*[rows_condition(r) for r in plan.rows]) if plan.rows else None
@@ -932,15 +940,47 @@ def _candidate_frame(
             table = pushdown_table(store.read_engine, since, until, plan)
         chosen = sorted(plan.pick(table), key=str)
     if own is None and not chosen:
-        return None
+        return
     entity = entity_column(plan.by) if plan.by is not None else None
+    if plan.local and own is None and len(chosen) > 1:
+        for group in _groups(store, entity, chosen, since, until, chunk_rows):
+            yield load_frame(store, since, until, where=entity.in_(group))
+        return
     chunks = [chosen[i:i + CANDIDATE_CHUNK] for i in range(0, len(chosen), CANDIDATE_CHUNK)]
     parts: list[Any] = [own] if own is not None else []
     for chunk in chunks:
         # Every row once: a row of the detector's own `rows` is loaded by that part only.
         part = entity.in_(chunk)
         parts.append(part if own is None else sa.and_(part, sa.not_(own)))
-    return load_frame(store, since, until, where=parts)
+    yield load_frame(store, since, until, where=parts)
+
+
+def _groups(
+    store: Store, entity: Any, chosen: list[Any], since: datetime, until: datetime, chunk_rows: int
+) -> Iterator[list[Any]]:
+    """The candidates in groups of at most `chunk_rows` rows (an entity with more rows alone) and
+    CANDIDATE_CHUNK entities, from their row counts in the database."""
+    from pipeline.store import events as events_table
+
+    rows: dict[Any, int] = {}
+    with store.read_engine.connect() as conn:
+        for i in range(0, len(chosen), CANDIDATE_CHUNK):
+            query = (sa.select(entity, sa.func.count())
+                     .where(events_table.c.ts >= _utc(since), events_table.c.ts <= _utc(until),
+                            entity.in_(chosen[i:i + CANDIDATE_CHUNK]))
+                     .group_by(entity))
+            rows.update((value, int(n)) for value, n in conn.execute(query))
+    group: list[Any] = []
+    held = 0
+    for value in chosen:
+        n = rows.get(value, 0)
+        if group and (held + n > chunk_rows or len(group) >= CANDIDATE_CHUNK):
+            yield group
+            group, held = [], 0
+        group.append(value)
+        held += n
+    if group:
+        yield group
 
 
 def _first_event_us(store: Store, since: datetime, until: datetime, allowlist: Any) -> int | None:

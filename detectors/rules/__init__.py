@@ -118,6 +118,12 @@ def known_from(times: np.ndarray, now: datetime, lookback: timedelta) -> int:
     return min(int(times.min()), start) if len(times) else start
 
 
+def frame_first(times: np.ndarray) -> int:
+    """The time (µs) of the whole frame's first event: the job's, when it handed over part of it."""
+    whole = FRAME_START_US.get()
+    return whole if whole is not None else int(times.min())
+
+
 def flag_mask(flags: pd.Series, flag: str) -> np.ndarray:
     """Rows whose `|`-joined flags include `flag`; tested once per distinct flags value."""
     codes, values = pd.factorize(flags, use_na_sentinel=True)

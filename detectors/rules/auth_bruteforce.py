@@ -84,7 +84,7 @@ class AuthBruteforce(Detector):
     def pushdown(self) -> Pushdown:
         """An IP needs `threshold` failed logins in a window."""
         failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
-        return Pushdown(by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
+        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
                         pick=lambda table: busy(table, "source_ip", "failures", self.threshold))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:

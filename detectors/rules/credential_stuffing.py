@@ -87,7 +87,7 @@ class CredentialStuffing(Detector):
     def pushdown(self) -> Pushdown:
         """An IP needs `min_distinct` failed logins in a window (distinct credentials are fewer)."""
         failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
-        return Pushdown(by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
+        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
                         pick=lambda table: busy(table, "source_ip", "failures", self.min_distinct))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:

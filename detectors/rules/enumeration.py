@@ -91,7 +91,7 @@ class Enumeration(Detector):
     def pushdown(self) -> Pushdown:
         """An IP needs `min_distinct` misses (distinct paths are fewer) in a window."""
         missed = Rows(all_of=(Clause("status", "in", tuple(self.statuses)), Clause("path", "notnull")))
-        return Pushdown(by="source_ip", bucket=self.window, measures={"misses": Measure(missed)},
+        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"misses": Measure(missed)},
                         pick=lambda table: busy(table, "source_ip", "misses", self.min_distinct))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:

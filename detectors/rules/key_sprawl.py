@@ -151,7 +151,7 @@ class KeySprawl(Detector):
             close = (keys[ahead] == keys[ahead - need + 1]) & (times[ahead] - times[ahead - need + 1] <= window)
             return set(keys[ahead[close]])
 
-        return Pushdown(by="api_key_id", per="source_ip", measures={"first": Measure(first=True)}, pick=pick)
+        return Pushdown(local=True, by="api_key_id", per="source_ip", measures={"first": Measure(first=True)}, pick=pick)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

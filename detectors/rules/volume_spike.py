@@ -136,7 +136,7 @@ class VolumeSpike(Detector):
             none_of=(Clause("outcome", "in", (Outcome.AUTH_FAILED.value, Outcome.FORBIDDEN.value)),),
         )
         measures = {"sends": Measure(sends), "recipients": Measure(sends, total="recipients")}
-        return Pushdown(by="api_key_id", bucket=self.window, measures=measures, pick=self._candidates)
+        return Pushdown(local=True, by="api_key_id", bucket=self.window, measures=measures, pick=self._candidates)
 
     def _candidates(self, table: pd.DataFrame) -> set:
         per_window = usec(self.window) / _HOUR_US

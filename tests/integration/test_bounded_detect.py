@@ -34,13 +34,15 @@ def shape(found) -> set[tuple]:
             for a in found}
 
 
-def run_both(store: Store, settings, **kwargs) -> tuple[list, list]:
-    """The whole-frame run and the bounded run, each on an empty alerts table."""
+def run_both(store: Store, settings, chunk_rows: int | None = None, **kwargs) -> tuple[list, list]:
+    """The whole-frame run and the bounded run (candidates of local pushdowns in groups of at most
+    `chunk_rows` rows), each on an empty alerts table."""
     runs = []
     for bounded in (False, True):
         with store.engine.begin() as conn:
             conn.execute(alerts.delete())
-        runs.append(detect_range(store, settings, bounded=bounded, **kwargs).alerts)
+        extra = {"chunk_rows": chunk_rows} if bounded else {}
+        runs.append(detect_range(store, settings, bounded=bounded, **kwargs, **extra).alerts)
     return runs[0], runs[1]
 
 
@@ -70,11 +72,17 @@ def test_bounded_detect_gives_the_whole_frame_alerts_and_finds_the_attacks(datab
         whole, bounded = run_both(store, allowed, step=timedelta(days=7))
         assert bounded and shape(bounded) == shape(whole)
 
-        # Trained models read the whole frame beside the pushed-down rules: still the same alerts.
+        # Each candidate of a local pushdown alone (groups of one entity's rows): the same alerts.
+        whole, bounded = run_both(store, settings, chunk_rows=1)
+        assert bounded and shape(bounded) == shape(whole)
+
+        # Trained models score each entity alone: pushed down too, in groups or not.
         train_once(store, settings)
         whole, bounded = run_both(store, settings)
         assert shape(bounded) == shape(whole)
         assert {a.detector for a in bounded} & {"iforest_ip", "iforest_key"}
+        whole, bounded = run_both(store, settings, chunk_rows=200)
+        assert shape(bounded) == shape(whole)
     finally:
         store.close()
 
