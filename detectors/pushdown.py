@@ -4,9 +4,11 @@ A detector's `pushdown()` describes, without touching a database, a necessary co
 alert it could raise: per entity (a column) and time bucket, a few counts the database computes
 (`Measure`), and a `pick` that names the entities whose counts could still reach a threshold. The
 job then loads only those entities' rows (plus any `rows` the detector reads whatever the entity)
-and hands them to the unchanged `detect`. The contract that makes this exact: the detector's
-alerts about an entity depend only on that entity's rows (and on the `rows`), so leaving other
-entities out changes nothing but the cost.
+and hands them to the unchanged `detect`. The contract that makes this exact: every alert the
+detector could raise depends only on rows of picked entities (and on the `rows`): an entity's own,
+or, where alerts sum over entities (a subnet's addresses, a spray's), every entity that could add
+to the sum is picked. Leaving the others out changes nothing but the cost. What a detector assumes
+its frame covers comes from the whole frame's first event (detectors.base.FRAME_START_US).
 
 A window of length w always lies within two adjacent buckets of width w, so "some window holds at
 least n" implies "some pair of adjacent buckets sums to at least n": `busy` is that test.
@@ -126,14 +128,6 @@ def busy(table: pd.DataFrame, by: str, column: str, at_least: float, group: Any 
 def _width(table: pd.DataFrame) -> int:
     # Buckets are epoch seconds aligned to the width the job used; it is kept on the frame.
     return int(table.attrs.get("bucket_seconds", 0))
-
-
-def at_least(table: pd.DataFrame, by: str, column: str, minimum: float) -> set[Any]:
-    """Entities whose `column` over the whole frame is at least `minimum` (bucket None)."""
-    if table.empty:
-        return set()
-    totals = table.groupby(by, sort=False)[column].sum()
-    return set(totals.index[totals.to_numpy() >= minimum])
 
 
 def placed_credentials(geo: Any, need_known: int) -> Pushdown:

@@ -783,7 +783,7 @@ def detect_range(
     until: datetime | None = None,
     step: timedelta = DETECT_STEP,
     only: set[str] | None = None,
-    bounded: bool = True,
+    bounded: bool | None = None,
     chunk_rows: int | None = None,
 ) -> DetectSummary:
     """Run every enabled detector over [since, until] (default: the stored range), in steps.
@@ -793,11 +793,12 @@ def detect_range(
     run would have. An alert found again (same detector, entity and window start) is updated, not
     duplicated: an ongoing attack extends one alert. `only` restricts the run to those detectors.
 
-    `bounded` (the default): a detector that describes a pushdown (detectors.pushdown) gets only
-    the rows of its candidate entities, chosen per step by an aggregate in the database, so memory
-    follows the suspicious traffic, not the raw events; the others get the whole frame as before.
-    The alerts are the same either way (tests/integration/test_bounded_detect.py). Candidates of a
-    `local` pushdown run in groups of at most `chunk_rows` rows (default CHUNK_ROWS).
+    `bounded` (default: the `detect_bounded` setting, else true on PostgreSQL only): a detector
+    that describes a pushdown (detectors.pushdown) gets only the rows of its candidate entities,
+    chosen per step by an aggregate in the database, so memory follows the suspicious traffic, not
+    the raw events; the others get the whole frame as before. The alerts are the same either way
+    (tests/integration/test_bounded_detect.py). Candidates of a `local` pushdown run in groups of
+    at most `chunk_rows` rows (default CHUNK_ROWS).
     """
     started = time.perf_counter()
     stored = store.event_time_range()
@@ -811,6 +812,8 @@ def detect_range(
         return summary
     from detectors.registry import detect_allowed
 
+    if bounded is None:
+        bounded = settings.detect_bounded if settings.detect_bounded is not None else store.dialect == "postgresql"
     plans = {d.name: d.pushdown() for d in detectors} if bounded and store.dialect in ("sqlite", "postgresql") else {}
     whole = [d for d in detectors if plans.get(d.name) is None]
     pushed = [d for d in detectors if plans.get(d.name) is not None]
