@@ -134,3 +134,26 @@ def _ts(text: str):
     from datetime import datetime, timezone
 
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def test_busy_finds_a_window_over_two_adjacent_buckets_only() -> None:
+    """A 5-minute burst split over two buckets counts; the same counts two buckets apart do not; a
+    subnet's addresses are summed and all of them returned."""
+    import pandas as pd
+
+    from detectors.pushdown import busy
+
+    table = pd.DataFrame({
+        "source_ip": ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.1.3", "10.0.1.4"],
+        "bucket": [600, 900, 600, 1200, 300, 300],
+        "requests": [300.0, 300.0, 300.0, 300.0, 200.0, 200.0],
+    })
+    table.attrs["bucket_seconds"] = 300
+    assert busy(table, "source_ip", "requests", 600) == {"10.0.0.1"}
+    assert busy(table, "source_ip", "requests", 601) == set()
+
+    def subnet(ips):
+        return [ip.rsplit(".", 1)[0] for ip in ips]
+
+    assert busy(table, "source_ip", "requests", 400, group=subnet) == {"10.0.0.1", "10.0.0.2", "10.0.1.3", "10.0.1.4"}
+    assert busy(table, "source_ip", "requests", 700, group=subnet) == {"10.0.0.1", "10.0.0.2"}
