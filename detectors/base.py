@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import pandas as pd
 
 from pipeline.schema import Alert, ConfigError, Severity
+
+if TYPE_CHECKING:
+    from detectors.pushdown import Pushdown
+
+# Set by the detect job while a detector runs on part of its frame (the rows of candidate
+# entities): the time (µs) of the first event the whole frame would have held. What a detector
+# assumes its frame covers (detectors.rules.known_from) must not depend on which rows were left out.
+FRAME_START_US: ContextVar[int | None] = ContextVar("frame_start_us", default=None)
 
 
 class Detector(ABC):
@@ -30,6 +39,11 @@ class Detector(ABC):
     @abstractmethod
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         """Alerts for the events given; must not mutate `events`."""
+
+    def pushdown(self) -> Pushdown | None:
+        """A necessary condition for any alert, for the database to evaluate (detectors.pushdown),
+        so the job loads only the rows that could matter. None (the default): the whole frame."""
+        return None
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> Self:

@@ -112,3 +112,92 @@ def bucket_counts(
         rows = conn.execute(query).all()
     frame = _frame(rows, [by, "bucket", "events"], by)
     return frame.assign(events=frame["events"].astype("int64"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate pushdown (detectors.pushdown): a detector's necessary condition, computed here
+
+
+def entity_column(by: str) -> sa.ColumnElement:
+    """The SQL of a pushdown entity: a column, or the credential (the key, else the account)."""
+    if by == "credential":
+        key, account = events.c.api_key_id, events.c.account
+        return sa.case(
+            (key.isnot(None), sa.literal("k:") + key),
+            (account.isnot(None), sa.literal("a:") + account),
+            else_=sa.null(),
+        )
+    if by not in ENTITY_COLUMNS:
+        raise ValueError(f"cannot push down by {by!r}")
+    return events.c[by]
+
+
+def _clause(clause) -> sa.ColumnElement:
+    column = events.c[clause.column]
+    if clause.op == "null":
+        return column.is_(None)
+    if clause.op == "notnull":
+        return column.isnot(None)
+    if clause.op == "in":
+        values = list(clause.value)
+        # A null column never matches, like pandas' isin; the explicit test keeps NOT() exact.
+        return sa.and_(column.isnot(None), column.in_(values)) if values else sa.false()
+    if clause.op == "ieq":
+        return sa.and_(column.isnot(None), sa.func.lower(column) == str(clause.value).lower())
+    if clause.op == "prefix":
+        # substr, not LIKE: SQLite's LIKE ignores case, and the detectors' regexes do not.
+        prefix = str(clause.value)
+        return sa.and_(column.isnot(None), sa.func.substr(column, 1, len(prefix)) == prefix)
+    if clause.op == "contains":
+        return sa.and_(column.isnot(None), column.contains(str(clause.value), autoescape=True))
+    return sa.and_(column.isnot(None), column == clause.value)
+
+
+def rows_condition(rows) -> sa.ColumnElement:
+    """The SQL of a detectors.pushdown.Rows: never NULL, so it can be negated and OR'ed safely."""
+    parts = [_clause(c) for c in rows.all_of]
+    if rows.any_of:
+        parts.append(sa.or_(*[_clause(c) for c in rows.any_of]))
+    if rows.none_of:
+        parts.append(sa.not_(sa.and_(*[_clause(c) for c in rows.none_of])))
+    return sa.and_(*parts) if parts else sa.true()
+
+
+def pushdown_table(engine: Engine, since: datetime, until: datetime, pushdown) -> pd.DataFrame:
+    """Per (entity, bucket) over since <= ts <= until, the pushdown's measures; `bucket` is epoch
+    seconds (0 when the pushdown has no bucket), its width in `attrs["bucket_seconds"]`."""
+    entity = entity_column(pushdown.by).label("entity")
+    width = int(pushdown.bucket.total_seconds()) if pushdown.bucket is not None else 0
+    if pushdown.bucket is not None and (width <= 0 or pushdown.bucket.total_seconds() != width):
+        raise ValueError(f"pushdown bucket must be whole seconds, got {pushdown.bucket}")
+    bucket = _bucket(engine.dialect.name, width) if width else sa.literal_column("0").label("bucket")
+    columns, conditions = [], []
+    for name, measure in pushdown.measures.items():
+        condition = rows_condition(measure.rows)
+        conditions.append(condition)
+        if measure.first:
+            value = sa.func.min(sa.case((condition, epoch_seconds(engine.dialect.name)), else_=sa.null()))
+        elif measure.distinct is not None:
+            value = sa.func.count(sa.distinct(sa.case((condition, events.c[measure.distinct]), else_=sa.null())))
+        elif measure.total is not None:
+            value = sa.func.coalesce(sa.func.sum(sa.case((condition, events.c[measure.total]), else_=0)), 0)
+        else:
+            value = sa.func.sum(sa.case((condition, 1), else_=0))
+        columns.append(value.label(name))
+    where = [entity.isnot(None), events.c.ts >= _utc(since), events.c.ts <= _utc(until)]
+    if conditions:
+        where.append(sa.or_(*conditions))  # rows no measure counts only make empty groups
+    per = [events.c[pushdown.per].label(pushdown.per)] if pushdown.per else []
+    group = [entity, *per, bucket] if width else [entity, *per]
+    query = sa.select(entity, *per, bucket, *columns).where(*where).group_by(*group)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    names = list(pushdown.measures)
+    keys = [pushdown.by, *([pushdown.per] if pushdown.per else [])]
+    labels = [*keys, "bucket", *names]
+    # Column by column: pandas probes every SQLAlchemy Row for named-tuple fields otherwise.
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(labels)
+    frame = pd.DataFrame({label: pd.Series(values, dtype=object) for label, values in zip(labels, columns, strict=True)})
+    frame = frame.astype({**{k: object for k in keys}, "bucket": "int64", **{n: "float64" for n in names}})
+    frame.attrs["bucket_seconds"] = width
+    return frame

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     json_mapping: str | dict[str, Any] | None = None
     # Lines per parse/store batch.
     batch_lines: int = 50_000
+    # How detect reads events: true, only the rows of candidate entities the database picks (memory
+    # bounded by the suspicious traffic); false, whole frames of raw events. Unset: true on
+    # PostgreSQL, false on SQLite (where the per-step aggregates cost more than one full read).
+    detect_bounded: bool | None = None
     # Per-detector parameters: [detectors.ip_burst] threshold = 600
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Chat routes ([[routes]] tables); parsed by pipeline.notify.load_routes. URLs and signing keys

@@ -12,11 +12,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import polars as pl
 import sqlalchemy as sa
@@ -32,6 +34,7 @@ from pipeline.schema import (
     AlertStatus,
     ConfigError,
     Severity,
+    StoreError,
     event_id_expr,
     event_ids,
     pandas_dtypes,
@@ -599,25 +602,42 @@ def _aware(value: Any) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-def load_frame(store: Store, since: datetime, until: datetime) -> pd.DataFrame:
-    """Events with since <= ts <= until as the detectors' frame, sorted by (ts, event_id).
+def load_frame(store: Store, since: datetime, until: datetime, where: Any = None) -> pd.DataFrame:
+    """Events with since <= ts <= until as the detectors' frame, sorted by (ts, event_id); with
+    `where` (a SQLAlchemy condition on `events`, or a list of them whose rows are told apart, see
+    _candidate_frames) only the rows it selects.
 
     Columnar where it counts (blocks of raw sqlite3 rows into typed polars columns; COPY from
     PostgreSQL): SQLAlchemy's per-row work cost ten times what the whole detector pack does.
     """
-    frame: pl.DataFrame | None = None
-    if store.dialect == "sqlite":
-        frame = _sqlite_frame(store, since, until)
-    elif store.dialect == "postgresql":
-        frame = _pg_frame(store, since, until)
-    if frame is None:
-        return store.load_events(since, until)
+    parts = where if isinstance(where, list) else [where]
+    frames: list[pl.DataFrame] = []
+    for part in parts:
+        frame: pl.DataFrame | None = None
+        sql = _where_sql(store, part) if part is not None else None
+        if store.dialect == "sqlite":
+            frame = _sqlite_frame(store, since, until, sql)
+        elif store.dialect == "postgresql":
+            frame = _pg_frame(store, since, until, sql)
+        if frame is None:
+            if part is not None:
+                raise StoreError(f"cannot load selected rows from a {store.dialect} store")
+            return store.load_events(since, until)
+        frames.append(frame)
+    frame = frames[0] if len(frames) == 1 else pl.concat(frames, rechunk=True)
     return _to_pandas(frame.sort(["ts", "event_id"]))
 
 
+def _where_sql(store: Store, condition: Any) -> str:
+    """A condition as SQL text with its values inlined, for the raw sqlite3 and COPY readers.
+
+    Compiled with the named paramstyle so a `%` in a LIKE pattern is not doubled for psycopg.
+    """
+    dialect = type(store.engine.dialect)(paramstyle="named")
+    return str(condition.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
-def _sqlite_frame(store: Store, since: datetime, until: datetime) -> pl.DataFrame | None:
+def _sqlite_frame(store: Store, since: datetime, until: datetime, where: str | None = None) -> pl.DataFrame | None:
     """The detection columns of a range, read through the store's own stdlib sqlite3 connection.
 
     Rows are fetched in blocks and turned into typed polars columns, skipping SQLAlchemy's
@@ -633,7 +653,8 @@ def _sqlite_frame(store: Store, since: datetime, until: datetime) -> pl.DataFram
     try:
         cursor = raw.cursor()
         cursor.execute(
-            f"SELECT {', '.join(DETECT_COLUMNS)} FROM events WHERE ts >= ? AND ts <= ?",
+            f"SELECT {', '.join(DETECT_COLUMNS)} FROM events WHERE ts >= ? AND ts <= ?"
+            + (f" AND ({where})" if where else ""),
             (_utc(since).strftime(fmt), _utc(until).strftime(fmt)),
         )
         blocks = []
@@ -650,7 +671,7 @@ def _sqlite_frame(store: Store, since: datetime, until: datetime) -> pl.DataFram
     )
 
 
-def _pg_frame(store: Store, since: datetime, until: datetime) -> pl.DataFrame | None:
+def _pg_frame(store: Store, since: datetime, until: datetime, where: str | None = None) -> pl.DataFrame | None:
     import io
 
     from psycopg import sql
@@ -658,8 +679,9 @@ def _pg_frame(store: Store, since: datetime, until: datetime) -> pl.DataFrame | 
     cols = [sql.Identifier(c) for c in DETECT_COLUMNS if c != "ts"]
     query = sql.SQL(
         "COPY (SELECT (extract(epoch FROM ts) * 1000000)::bigint AS ts, {cols} FROM events "
-        "WHERE ts >= {lo} AND ts <= {hi}) TO STDOUT (FORMAT csv)"
-    ).format(cols=sql.SQL(", ").join(cols), lo=sql.Literal(_utc(since)), hi=sql.Literal(_utc(until)))
+        "WHERE ts >= {lo} AND ts <= {hi}{more}) TO STDOUT (FORMAT csv)"
+    ).format(cols=sql.SQL(", ").join(cols), lo=sql.Literal(_utc(since)), hi=sql.Literal(_utc(until)),
+             more=sql.SQL(f" AND ({where})" if where else ""))
     raw = store.read_engine.raw_connection()  # a replica when read_database_url is set
     try:
         buffer = io.BytesIO()
@@ -768,6 +790,8 @@ def detect_range(
     until: datetime | None = None,
     step: timedelta = DETECT_STEP,
     only: set[str] | None = None,
+    bounded: bool | None = None,
+    chunk_rows: int | None = None,
 ) -> DetectSummary:
     """Run every enabled detector over [since, until] (default: the stored range), in steps.
 
@@ -775,6 +799,13 @@ def detect_range(
     live tick would. Time comes from the data, never the clock, so replays give the alerts a live
     run would have. An alert found again (same detector, entity and window start) is updated, not
     duplicated: an ongoing attack extends one alert. `only` restricts the run to those detectors.
+
+    `bounded` (default: the `detect_bounded` setting, else true on PostgreSQL only): a detector
+    that describes a pushdown (detectors.pushdown) gets only the rows of its candidate entities,
+    chosen per step by an aggregate in the database, so memory follows the suspicious traffic, not
+    the raw events; the others get the whole frame as before. The alerts are the same either way
+    (tests/integration/test_bounded_detect.py). Candidates of a `local` pushdown run in groups of
+    at most `chunk_rows` rows (default CHUNK_ROWS).
     """
     started = time.perf_counter()
     stored = store.event_time_range()
@@ -788,11 +819,63 @@ def detect_range(
     detectors, allowlists = build_pack(store, settings, only)
     if not detectors or since > until:
         return summary
+    from detectors.registry import detect_allowed
+
+    if bounded is None:
+        bounded = settings.detect_bounded if settings.detect_bounded is not None else store.dialect == "postgresql"
+    plans = {d.name: d.pushdown() for d in detectors} if bounded and store.dialect in ("sqlite", "postgresql") else {}
+    whole = [d for d in detectors if plans.get(d.name) is None]
+    pushed = [d for d in detectors if plans.get(d.name) is not None]
+    found: dict[str, Alert] = {}
+    if whole:
+        summary.events = _detect_whole(store, whole, allowlists, since, until, step, summary, found)
+    else:
+        summary.events = _count_events(store, since, until)
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    tables: dict[str, tuple[datetime, datetime, pd.DataFrame]] = {}
+    for step_start, step_end in _steps(since, until, step) if pushed else ():
+        first_events: dict[tuple[datetime, int], int | None] = {}  # per (lookback start, allowlist)
+        for detector in pushed:
+            plan = plans[detector.name]
+            if plan.skip:
+                continue
+            allowlist = allowlists.get(detector.name)
+            lo = step_start - detector.lookback
+            known = (lo, id(allowlist))
+            loaded = time.perf_counter()
+            table = _step_table(store, plan, tables, detector.name, lo, step_end, min(step_start + LOAD_SPAN, until))
+            for window in _candidate_frames(store, plan, lo, step_end, table, chunk_rows):
+                if not window.empty and known not in first_events:
+                    first_events[known] = _first_event_us(store, lo, step_end, allowlist)
+                summary.load_seconds += time.perf_counter() - loaded
+                if not window.empty and first_events[known] is not None:
+                    ran = time.perf_counter()
+                    with _frame_start(first_events[known]):
+                        for alert in detect_allowed(detector, window, step_end, allowlist):
+                            found[alert.alert_id] = alert
+                    summary.seconds_by_detector[detector.name] += time.perf_counter() - ran
+                del window
+                loaded = time.perf_counter()
+            summary.load_seconds += time.perf_counter() - loaded
+    summary.alerts = merge_with_stored(store, merge_overlapping(list(found.values())))
+    summary.alerts_found = len(summary.alerts)
+    summary.by_detector.update(a.detector for a in summary.alerts)
+    summary.alerts_new, summary.alerts_updated = store.upsert_alerts(summary.alerts)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _detect_whole(
+    store: Store, detectors: list[Any], allowlists: dict[str, Any], since: datetime, until: datetime,
+    step: timedelta, summary: DetectSummary, found: dict[str, Alert],
+) -> int:
+    """The detectors that read the whole frame: loaded in LOAD_SPAN pieces, run in steps. Returns
+    the number of events in [since, until]."""
     from detectors.features import micros
     from detectors.registry import detect_allowed
 
     max_lookback = max(d.lookback for d in detectors)
-    found: dict[str, Alert] = {}
+    events = 0
     for load_start, load_end in _steps(since, until, LOAD_SPAN):
         loaded = time.perf_counter()
         frame = load_frame(store, load_start - max_lookback, load_end)
@@ -803,7 +886,7 @@ def detect_range(
         for step_start, step_end in _steps(load_start, load_end, step):
             first = _position(stamps, step_start, "left")
             last = _position(stamps, step_end, "right")
-            summary.events += last - first if step_start == load_start else last - _position(stamps, step_start, "right")
+            events += last - first if step_start == load_start else last - _position(stamps, step_start, "right")
             for detector in detectors:
                 # Each detector sees the step plus its own lookback before it.
                 window = frame.iloc[_position(stamps, step_start - detector.lookback, "left"):last]
@@ -811,12 +894,152 @@ def detect_range(
                 for alert in detect_allowed(detector, window.reset_index(drop=True), step_end, allowlists.get(detector.name)):
                     found[alert.alert_id] = alert
                 summary.seconds_by_detector[detector.name] += time.perf_counter() - ran
-    summary.alerts = merge_with_stored(store, merge_overlapping(list(found.values())))
-    summary.alerts_found = len(summary.alerts)
-    summary.by_detector.update(a.detector for a in summary.alerts)
-    summary.alerts_new, summary.alerts_updated = store.upsert_alerts(summary.alerts)
-    summary.seconds = time.perf_counter() - started
-    return summary
+    return events
+
+
+# Candidate entities per load query: keeps each statement's text (values are inlined) small.
+CANDIDATE_CHUNK = 5_000
+# Rows one group of candidates of a `local` pushdown brings into memory at most (unless a single
+# entity has more): about 0.5 GB as the detectors' frame.
+CHUNK_ROWS = 1_000_000
+
+
+def _step_table(
+    store: Store, plan: Any, tables: dict[str, tuple[datetime, datetime, pd.DataFrame]], name: str,
+    since: datetime, until: datetime, ahead: datetime,
+) -> pd.DataFrame | None:
+    """A pushdown's aggregate for the step [since, until]. Bucketed ones are computed once up to
+    `ahead` and cut per step (buckets overlapping the step: the edge buckets count a little more
+    than the step holds, which only adds candidates). When the first bucket also holds rows from
+    before the step, `attrs["since"]` says where the step begins."""
+    from pipeline.aggregates import pushdown_table
+
+    if plan.by is None:
+        return None
+    if plan.bucket is None or plan.per is not None:
+        return pushdown_table(store.read_engine, since, until, plan)
+    cached = tables.get(name)
+    if cached is None or cached[1] < until:
+        cached = (since, max(ahead, until), pushdown_table(store.read_engine, since, max(ahead, until), plan))
+        tables[name] = cached
+    computed_from, _, whole = cached
+    width = whole.attrs["bucket_seconds"]
+    lo, hi = _epoch_seconds(since), _epoch_seconds(until)
+    bucket = whole["bucket"].to_numpy()
+    table = whole[(bucket + width > lo) & (bucket <= hi)]
+    table.attrs = dict(whole.attrs)
+    if computed_from < since:
+        table.attrs["since"] = lo
+    return table
+
+
+def _epoch_seconds(at: datetime) -> float:
+    return (_utc(at) - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()
+
+
+def _candidate_frames(
+    store: Store, plan: Any, since: datetime, until: datetime, table: pd.DataFrame | None, chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """The rows a pushed-down detector needs over [since, until]: its `rows`, and every row of the
+    entities its `pick` chose from the database's aggregate (`table`, else computed here). One frame,
+    or for a `local` pushdown one per group of candidates holding at most `chunk_rows` rows."""
+    from pipeline.aggregates import entity_column, pushdown_table, rows_condition
+
+    own = sa.or_(*[rows_condition(r) for r in plan.rows]) if plan.rows else None
+    chosen: list[Any] = []
+    if plan.by is not None:
+        if table is None:
+            table = pushdown_table(store.read_engine, since, until, plan)
+        chosen = sorted(plan.pick(table), key=str)
+    if own is None and not chosen:
+        return
+    entity = entity_column(plan.by) if plan.by is not None else None
+    if plan.local and own is None and len(chosen) > 1:
+        for group in _groups(store, entity, chosen, since, until, chunk_rows):
+            yield load_frame(store, since, until, where=entity.in_(group))
+        return
+    chunks = [chosen[i:i + CANDIDATE_CHUNK] for i in range(0, len(chosen), CANDIDATE_CHUNK)]
+    parts: list[Any] = [own] if own is not None else []
+    for chunk in chunks:
+        # Every row once: a row of the detector's own `rows` is loaded by that part only.
+        part = entity.in_(chunk)
+        parts.append(part if own is None else sa.and_(part, sa.not_(own)))
+    yield load_frame(store, since, until, where=parts)
+
+
+def _groups(
+    store: Store, entity: Any, chosen: list[Any], since: datetime, until: datetime, chunk_rows: int
+) -> Iterator[list[Any]]:
+    """The candidates in groups of at most `chunk_rows` rows (an entity with more rows alone) and
+    CANDIDATE_CHUNK entities, from their row counts in the database."""
+    from pipeline.store import events as events_table
+
+    rows: dict[Any, int] = {}
+    with store.read_engine.connect() as conn:
+        for i in range(0, len(chosen), CANDIDATE_CHUNK):
+            query = (sa.select(entity, sa.func.count())
+                     .where(events_table.c.ts >= _utc(since), events_table.c.ts <= _utc(until),
+                            entity.in_(chosen[i:i + CANDIDATE_CHUNK]))
+                     .group_by(entity))
+            rows.update((value, int(n)) for value, n in conn.execute(query))
+    group: list[Any] = []
+    held = 0
+    for value in chosen:
+        n = rows.get(value, 0)
+        if group and (held + n > chunk_rows or len(group) >= CANDIDATE_CHUNK):
+            yield group
+            group, held = [], 0
+        group.append(value)
+        held += n
+    if group:
+        yield group
+
+
+def _first_event_us(store: Store, since: datetime, until: datetime, allowlist: Any) -> int | None:
+    """Time (µs) of the first event in [since, until] the detector would have been given whole (the
+    allowlisted ones are dropped before it sees them); None when there is none."""
+    from pipeline.store import events as events_table
+
+    columns = [events_table.c.ts, events_table.c.source_ip, events_table.c.api_key_id, events_table.c.account]
+    query = (sa.select(*columns).where(events_table.c.ts >= _utc(since), events_table.c.ts <= _utc(until))
+             .order_by(events_table.c.ts, events_table.c.event_id))
+    batch, offset = 1, 0
+    with store.read_engine.connect() as conn:
+        while True:
+            rows = conn.execute(query.limit(batch).offset(offset)).all()
+            if not rows:
+                return None
+            frame = pd.DataFrame(rows, columns=["ts", "source_ip", "api_key_id", "account"])
+            keep = np.ones(len(frame), dtype=bool)
+            if allowlist is not None and not allowlist.empty:
+                typed = frame.astype({c: "string" for c in ("source_ip", "api_key_id", "account")})
+                keep = ~np.asarray(allowlist.event_mask(typed), dtype=bool)
+            if keep.any():
+                first = _aware(frame["ts"].iloc[int(np.flatnonzero(keep)[0])])
+                return (first - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+            offset += batch
+            batch = min(batch * 10, 100_000)
+
+
+@contextmanager
+def _frame_start(first_us: int) -> Iterator[None]:
+    """Tell the detector (detectors.base.FRAME_START_US) where its whole frame would have begun."""
+    from detectors.base import FRAME_START_US
+
+    token = FRAME_START_US.set(first_us)
+    try:
+        yield
+    finally:
+        FRAME_START_US.reset(token)
+
+
+def _count_events(store: Store, since: datetime, until: datetime) -> int:
+    from pipeline.store import events as events_table
+
+    query = sa.select(sa.func.count()).select_from(events_table).where(
+        events_table.c.ts >= _utc(since), events_table.c.ts <= _utc(until))
+    with store.read_engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
 
 
 def _same_episode_key(alert: Alert) -> tuple[str, str, str]:

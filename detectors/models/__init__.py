@@ -35,7 +35,8 @@ import pandas as pd
 
 from detectors.base import Detector
 from detectors.features import Windows, spread_sample, to_timestamp
-from detectors.rules import as_timedelta, iso, positive_int, up_to_now, usec
+from detectors.pushdown import SKIP, Measure, Pushdown, Rows
+from detectors.rules import as_timedelta, frame_first, iso, positive_int, up_to_now, usec
 from pipeline.schema import Alert, EntityKind
 
 # Features whose spread is multiplicative (counts, sums, ratios to a usual level): the forest and
@@ -165,6 +166,9 @@ class IsolationForestDetector(Detector):
     """Base of the model detectors; subclasses set `features`, `windows` and the wording."""
 
     features: ClassVar[tuple[str, ...]]
+    # What the windows are per (a pushdown entity) and which of its events they count.
+    entity_column: ClassVar[str]
+    counted: ClassVar[Rows] = Rows()
     # Long enough for a block's training period, the history of its first training row, the block
     # itself and a few hours more, so an episode still running is seen from its first bucket.
     lookback: ClassVar[timedelta] = timedelta(hours=36)
@@ -302,6 +306,21 @@ class IsolationForestDetector(Detector):
             out[i] = any(start[i] < end and start[i] + bucket > begin for begin, end in windows[entity[i]])
         return out
 
+    def pushdown(self) -> Pushdown | None:
+        """Untrained and not self-fitting, a model is quiet: nothing to load. Trained, it scores each
+        entity's windows alone against a fixed threshold, so an entity needs `min_requests` counted
+        events in a bucket, and the candidates may run in groups (`local`). Self-fitting on the
+        input (no stored model) learns from every entity: the whole frame."""
+        if self.model_ is None:
+            return None if self.self_fit else SKIP
+        need = self.min_requests
+        by = self.entity_column
+
+        def pick(table: pd.DataFrame) -> set:
+            return set(table.loc[table["requests"].to_numpy() >= need, by])
+
+        return Pushdown(by=by, bucket=self.bucket, measures={"requests": Measure(self.counted)}, pick=pick, local=True)
+
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
         if events.empty or (self.model_ is None and not self.self_fit):
@@ -311,7 +330,7 @@ class IsolationForestDetector(Detector):
         if table.empty:
             return []
         bucket, hist = usec(self.bucket), usec(self.history)
-        data_start = int(times.min())
+        data_start = frame_first(times)
         now_us = usec(pd.Timestamp(now) - pd.Timestamp(0, tz="UTC"))
         start = table["bucket"].to_numpy() * bucket
         complete = start + bucket <= now_us

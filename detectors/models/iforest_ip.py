@@ -54,6 +54,8 @@ class IforestIp(IsolationForestDetector):
         "volume_vs_usual",
     )
 
+    entity_column: ClassVar[str] = "source_ip"
+
     min_requests: int = 10
     margin: float = 0.02
 

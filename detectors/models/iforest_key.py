@@ -10,8 +10,9 @@ import pandas as pd
 
 from detectors.features import CREDENTIAL_SEPARATOR, Windows, credential_windows
 from detectors.models import IsolationForestDetector, counts
+from detectors.pushdown import Clause, Rows
 from detectors.rules import usec
-from pipeline.schema import EntityKind, Severity
+from pipeline.schema import EntityKind, Outcome, Severity
 
 
 @dataclass
@@ -53,6 +54,10 @@ class IforestKey(IsolationForestDetector):
         "requests", "error_ratio", "distinct_paths", "distinct_ips", "distinct_user_agents",
         "recipients", "bytes", "hour", "first_seen", "volume_vs_usual", "new_ip_share",
     )
+
+    entity_column: ClassVar[str] = "credential"
+    # credential_windows counts the accepted events.
+    counted: ClassVar[Rows] = Rows(none_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
 
     min_requests: int = 5
     # Set on the generated week (EVALUATION.md): 0.01 above the 0.999 quantile with 6 hot buckets.

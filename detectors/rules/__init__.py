@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from detectors.base import FRAME_START_US
 from detectors.features import BUCKET_US, KeySpace, Timeline, episodes, micros, to_timestamp
 
 _NAT = np.iinfo(np.int64).min  # what pandas stores for NaT
@@ -111,7 +112,16 @@ def known_from(times: np.ndarray, now: datetime, lookback: timedelta) -> int:
     no event in the frame does not mean no event happened.
     """
     start = usec(pd.Timestamp(now) - pd.Timestamp(0, tz="UTC")) - usec(lookback)
+    whole = FRAME_START_US.get()  # the job handed over some entities' rows only
+    if whole is not None:
+        return min(whole, start)
     return min(int(times.min()), start) if len(times) else start
+
+
+def frame_first(times: np.ndarray) -> int:
+    """The time (µs) of the whole frame's first event: the job's, when it handed over part of it."""
+    whole = FRAME_START_US.get()
+    return whole if whole is not None else int(times.min())
 
 
 def flag_mask(flags: pd.Series, flag: str) -> np.ndarray:

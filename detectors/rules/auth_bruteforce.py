@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -79,6 +80,12 @@ class AuthBruteforce(Detector):
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
         check_confirmable(self.window, self.lookback)
+
+    def pushdown(self) -> Pushdown:
+        """An IP needs `threshold` failed logins in a window."""
+        failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
+        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
+                        pick=lambda table: busy(table, "source_ip", "failures", self.threshold))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

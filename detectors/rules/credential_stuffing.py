@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -82,6 +83,12 @@ class CredentialStuffing(Detector):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"min_failure_ratio: expected a number in (0, 1], got {ratio!r}")
         self.min_failure_ratio = float(ratio)
+
+    def pushdown(self) -> Pushdown:
+        """An IP needs `min_distinct` failed logins in a window (distinct credentials are fewer)."""
+        failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
+        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
+                        pick=lambda table: busy(table, "source_ip", "failures", self.min_distinct))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -86,6 +87,12 @@ class Enumeration(Detector):
         check_lookback(self.window, self.lookback)
         check_confirmable(self.window, self.lookback)
         self.statuses = _statuses(self.statuses)
+
+    def pushdown(self) -> Pushdown:
+        """An IP needs `min_distinct` misses (distinct paths are fewer) in a window."""
+        missed = Rows(all_of=(Clause("status", "in", tuple(self.statuses)), Clause("path", "notnull")))
+        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"misses": Measure(missed)},
+                        pick=lambda table: busy(table, "source_ip", "misses", self.min_distinct))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

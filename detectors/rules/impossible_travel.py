@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Pushdown, placed_credentials
 from detectors.features import KeySpace, Timeline, as_mask, entity_codes, micros
 from detectors.history import (
     Habits,
@@ -121,6 +122,11 @@ class ImpossibleTravel(Detector):
         return self
 
     # ---- detection -------------------------------------------------------------------------------
+
+    def pushdown(self) -> Pushdown:
+        """A move needs two places: a credential needs two addresses with a known country among its
+        accepted events."""
+        return placed_credentials(self.geo or default_geo(), need_known=2)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

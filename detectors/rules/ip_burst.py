@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
 from detectors.features import (
     BUCKET_US,
     KeySpace,
@@ -118,6 +119,21 @@ class IpBurst(Detector):
             raise ValueError(f"adaptive_span: whole minutes up to {human(ADAPTIVE_HORIZON)}, got {self.adaptive_span}")
         if not isinstance(self.count_keyed_ok, bool):
             raise ValueError(f"count_keyed_ok: expected true or false, got {self.count_keyed_ok!r}")
+
+    def pushdown(self) -> Pushdown:
+        """An IP, or a subnet, needs `threshold` (`subnet_threshold`) counted requests in a window;
+        every IP of a busy subnet is a candidate, as the subnet's alert is about all of them."""
+        counted = Rows() if self.count_keyed_ok else Rows(
+            none_of=(Clause("outcome", "eq", Outcome.OK.value), Clause("api_key_id", "notnull")))
+
+        def pick(table: pd.DataFrame) -> set:
+            def network(ips: np.ndarray) -> np.ndarray:
+                return np.asarray(subnets(ips, self.ipv4_prefix, self.ipv6_prefix), dtype=object)
+
+            return busy(table, "source_ip", "requests", self.threshold) | busy(
+                table, "source_ip", "requests", self.subnet_threshold, group=network)
+
+        return Pushdown(by="source_ip", bucket=self.window, measures={"requests": Measure(counted)}, pick=pick)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Measure, Pushdown
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -130,6 +131,27 @@ class KeySprawl(Detector):
         return self
 
     # ---- detection -------------------------------------------------------------------------------
+
+    def pushdown(self) -> Pushdown:
+        """A key needs, within one window, as many first sightings of a network or country as the
+        limit (at least min_new_networks or min_new_countries); each is the first sighting of some
+        address of the key, so the key needs that many addresses first seen within a window."""
+        need = min(self.min_new_networks, self.min_new_countries)
+        window = int(self.window.total_seconds())
+
+        def pick(table: pd.DataFrame) -> set:
+            # Seconds are floored: first sightings less than a window apart are at most window + 1 s
+            # apart here, so `<= window` keeps every key that could qualify.
+            first = table.sort_values(["api_key_id", "first"])
+            keys = first["api_key_id"].to_numpy(dtype=object)
+            times = first["first"].to_numpy()
+            if len(times) < need:
+                return set()
+            ahead = np.arange(need - 1, len(times))
+            close = (keys[ahead] == keys[ahead - need + 1]) & (times[ahead] - times[ahead - need + 1] <= window)
+            return set(keys[ahead[close]])
+
+        return Pushdown(local=True, by="api_key_id", per="source_ip", measures={"first": Measure(first=True)}, pick=pick)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Pushdown, placed_credentials
 from detectors.features import KeySpace, Timeline, as_mask, entity_codes, episodes, spread_sample
 from detectors.history import (
     Habits,
@@ -97,6 +98,14 @@ class NewCountry(Detector):
         names = np.append(qualified(labels, kinds), None)[codes]
         self.countries_ = Habits.learn(names, np.append(countries, None)[country_codes])
         return self
+
+    def pushdown(self) -> Pushdown | None:
+        """Unfitted, a credential needs two addresses among its accepted events, one of them with a
+        known country (a country first seen on the credential's first event is not new for it). A
+        fitted history makes one address enough: not pushed down."""
+        if self.countries_ is not None:
+            return None
+        return placed_credentials(self.geo or default_geo(), need_known=1)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -114,6 +115,43 @@ class PasswordSpraying(Detector):
             raise ValueError(f"ignore_known_ips: expected true or false, got {self.ignore_known_ips!r}")
         if self.geo is not None and not isinstance(self.geo, Geo):
             raise ValueError("geo: set by the detect job from geo_city_mmdb/geo_asn_mmdb, not here")
+
+    def pushdown(self) -> Pushdown:
+        """Only IPs with a failure that could count. With `ignore_known_ips`, a failure is never
+        counted when the same IP logged in during the window before it, which is sure when the IP
+        logged in during one of the buckets (a 24th of the window) before the failure's, or earlier
+        in the same bucket (its first login a whole second before its first failure there). An IP
+        whose every failure is like that is left out: its logins only discount its own failures.
+        The per-account and spread tests sum over the IPs that remain, all of whose rows are loaded."""
+        named = (Clause("api_key_id", "notnull"), Clause("account", "notnull"))
+        failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),), any_of=named)
+        logged_in = Rows(all_of=(Clause("outcome", "eq", Outcome.OK.value),), any_of=named)
+        seconds = int(self.window.total_seconds())
+        parts = 24 if seconds % 24 == 0 and self.window.total_seconds() == seconds else 1
+        width = seconds // parts
+
+        def pick(table: pd.DataFrame) -> set:
+            failing = table[table["failures"] > 0]
+            if not self.ignore_known_ips:
+                return set(failing["source_ip"])
+            # A bucket that begins before the frame may hold logins the detector does not see.
+            inside = table["bucket"] >= table.attrs.get("since", -np.inf)
+            logins = table[(table["logins"] > 0) & inside]
+            seen = set(zip(logins["source_ip"], logins["bucket"], strict=True))
+            counted = set()
+            first_login = failing["first_login"].where(inside[failing.index], np.nan)
+            for ip, bucket, first_failure, login in zip(
+                failing["source_ip"], failing["bucket"], failing["first_failure"], first_login, strict=True
+            ):
+                if first_failure > login:  # NaN (no login in the bucket) compares False
+                    continue
+                if not any((ip, bucket - k * width) in seen for k in range(1, parts)):
+                    counted.add(ip)
+            return counted
+
+        measures = {"failures": Measure(failed), "logins": Measure(logged_in),
+                    "first_failure": Measure(failed, first=True), "first_login": Measure(logged_in, first=True)}
+        return Pushdown(by="source_ip", bucket=timedelta(seconds=width), pick=pick, measures=measures)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows
 from detectors.features import Timeline, counts_per_episode, entity_codes, episode_members, spread_sample
 from detectors.rules import (
     as_timedelta,
@@ -77,6 +78,12 @@ class PlaintextHttp(Detector):
         if not isinstance(self.tls_on_plain_port, bool):
             raise ValueError(f"tls_on_plain_port: expected true or false, got {self.tls_on_plain_port!r}")
         self.tls_min_events = positive_int(self.tls_min_events, "tls_min_events")
+
+    def pushdown(self) -> Pushdown:
+        """Only plain-HTTP requests and TLS-on-plain-port events are read, whoever sent them."""
+        plain = Rows(all_of=(Clause("scheme", "ieq", "http"),))
+        tls = Rows(all_of=(Clause("flags", "contains", Flag.TLS_ON_PLAIN_PORT.value),))
+        return Pushdown(rows=(plain, tls) if self.tls_on_plain_port else (plain,))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

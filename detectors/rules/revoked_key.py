@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, SKIP
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -80,6 +81,12 @@ class RevokedKey(Detector):
         self.window = as_timedelta(self.window, "window")
         check_lookback(self.window, self.lookback)
         check_confirmable(self.window, self.lookback)
+
+    def pushdown(self) -> Pushdown:
+        """Only the rows of revoked keys are read; nothing to do without a revocation list."""
+        if not self.revoked:
+            return SKIP
+        return Pushdown(rows=(Rows(all_of=(Clause("api_key_id", "in", tuple(sorted(self.revoked))),)),))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

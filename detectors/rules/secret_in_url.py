@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows
 from detectors.features import as_mask, counts_per_episode, entity_codes, episode_members, spread_sample
 from detectors.rules import (
     as_timedelta,
@@ -65,6 +66,12 @@ class SecretInUrl(Detector):
         self.min_requests = positive_int(self.min_requests, "min_requests")
         self.episode_gap = as_timedelta(self.episode_gap, "episode_gap")
         check_episode_gap(self.episode_gap, self.lookback)
+
+    def pushdown(self) -> Pushdown:
+        """Flagged requests, and every request of an IP that sent one (the keys it used)."""
+        flagged = Rows(all_of=(Clause("flags", "contains", Flag.SECRET_IN_URL.value),))
+        return Pushdown(by="source_ip", measures={"flagged": Measure(flagged)}, rows=(flagged,),
+                        pick=lambda table: set(table.loc[table["flagged"] >= 1, "source_ip"]))
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
+from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
 from detectors.features import (
     US_PER_SECOND,
     KeySpace,
@@ -123,6 +124,64 @@ class VolumeSpike(Detector):
         if isinstance(paths, str) or not paths or not all(isinstance(p, str) and p.startswith("/") for p in paths):
             raise ValueError(f"send_paths: expected a list of paths such as ['/v3/mail/send'], got {paths!r}")
         self.send_paths = tuple(paths)
+
+    def pushdown(self) -> Pushdown:
+        """A key needs, in a window, sends or recipients over a lower bound of its limits: the floor,
+        and `factor` times the median of the BASELINE_HOURS before (hours it did not exist in or
+        that lie outside the frame counted as zeros, which only lowers the median); and it must
+        have sent in the hours that make it judged. The database counts exactly what `_sends` counts."""
+        sends = Rows(
+            all_of=(Clause("api_key_id", "notnull"),),
+            any_of=(*_path_clauses(self.send_paths), Clause("recipients", "notnull")),
+            none_of=(Clause("outcome", "in", (Outcome.AUTH_FAILED.value, Outcome.FORBIDDEN.value)),),
+        )
+        measures = {"sends": Measure(sends), "recipients": Measure(sends, total="recipients")}
+        return Pushdown(local=True, by="api_key_id", bucket=self.window, measures=measures, pick=self._candidates)
+
+    def _candidates(self, table: pd.DataFrame) -> set:
+        per_window = usec(self.window) / _HOUR_US
+        floors = busy(table, "api_key_id", "sends", self.min_sends * per_window) | busy(
+            table, "api_key_id", "recipients", self.min_recipients * per_window)
+        width = int(self.window.total_seconds())
+        if not floors or 3600 % width:
+            return floors
+        table = table[table["api_key_id"].isin(floors)].sort_values(["api_key_id", "bucket"])
+        row, keys = pd.factorize(table["api_key_id"].to_numpy(dtype=object))
+        keys = np.asarray(keys, dtype=object)
+        hour = table["bucket"].to_numpy() // 3600
+        first_hour = int(hour.min())
+        column = hour - first_hour + HISTORY_HOURS  # HISTORY_HOURS of zeros before the first
+        shape = (len(keys), int(column.max()) + 1)
+        cell = row * shape[1] + column
+        sent = np.bincount(cell, weights=table["sends"].to_numpy(), minlength=shape[0] * shape[1]).reshape(shape)
+        reached = np.bincount(cell, weights=table["recipients"].to_numpy(), minlength=shape[0] * shape[1]).reshape(shape)
+        # Judged: a send in [H - HISTORY_HOURS, H - min_history] (hours outside the frame never).
+        earliest = HISTORY_HOURS - int(self.min_history.total_seconds() // 3600)
+        history = np.lib.stride_tricks.sliding_window_view(sent > 0, HISTORY_HOURS, axis=1)[:, :-1]
+        judged = np.zeros(shape, dtype=bool)
+        judged[:, HISTORY_HOURS:] = history[:, :, : earliest + 1].any(axis=2)
+        # The median's lower bound ignores the first hour: it may begin before the frame does.
+        sent[:, HISTORY_HOURS] = reached[:, HISTORY_HOURS] = 0.0
+        low_s = np.zeros(shape)
+        low_r = np.zeros(shape)
+        baseline = slice(HISTORY_HOURS - BASELINE_HOURS, HISTORY_HOURS)
+        low_s[:, HISTORY_HOURS:] = np.median(
+            np.lib.stride_tricks.sliding_window_view(sent, HISTORY_HOURS, axis=1)[:, :-1, baseline], axis=2)
+        low_r[:, HISTORY_HOURS:] = np.median(
+            np.lib.stride_tricks.sliding_window_view(reached, HISTORY_HOURS, axis=1)[:, :-1, baseline], axis=2)
+        limit_s = np.where(judged, np.maximum.reduce([np.full(shape, float(self.min_sends)), self.factor * low_s,
+                                                      np.ones(shape)]), np.inf)[row, column] * per_window
+        limit_r = np.where(judged, np.maximum.reduce([np.full(shape, float(self.min_recipients)),
+                                                      self.factor * low_r, np.ones(shape)]), np.inf)[row, column]
+        limit_r = limit_r * per_window
+        # The trailing window at an event lies in its bucket and the one before.
+        bucket = table["bucket"].to_numpy()
+        adjacent = np.r_[False, (row[1:] == row[:-1]) & (np.diff(bucket) == width)]
+        pair_s = table["sends"].to_numpy() + np.where(adjacent, np.r_[0.0, table["sends"].to_numpy()[:-1]], 0.0)
+        pair_r = table["recipients"].to_numpy() + np.where(
+            adjacent, np.r_[0.0, table["recipients"].to_numpy()[:-1]], 0.0)
+        hot = (pair_s >= limit_s) | (pair_r >= limit_r)
+        return set(keys[np.unique(row[hot])])
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)
@@ -364,3 +423,12 @@ def _rate(value: float) -> str:
 def _duration(duration: timedelta) -> str:
     minutes = int(duration.total_seconds() // 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _path_clauses(paths: tuple[str, ...]) -> tuple[Clause, ...]:
+    """`_sends`' path pattern as clauses: the path itself, or it followed by `/` or `?`."""
+    clauses: list[Clause] = []
+    for path in paths:
+        path = path.rstrip("/")
+        clauses += [Clause("path", "eq", path), Clause("path", "prefix", path + "/"), Clause("path", "prefix", path + "?")]
+    return tuple(clauses)
