@@ -165,6 +165,8 @@ class HealthOut(BaseModel):
     status: str
     store: str
     version: str
+    # Background work of this process that stopped (a follower of `mailwarden run`); empty when all runs.
+    problems: list[str] = []
 
 
 class AuditOut(BaseModel):
