@@ -323,9 +323,10 @@ def run(
     database_url: DatabaseOption = None,
 ) -> None:
     """The service: follow the configured sources, detect and notify on schedule, serve the API."""
-    from api.cli import serve
+    from api.cli import check_listen, serve
     from pipeline.scheduler import Service
 
+    check_listen(host, port)  # before the followers and jobs start, not only when serve() binds
     settings = _settings(database_url)
     store = Store.open(settings.database_url, read_url=settings.read_database_url)
     service = Service(settings, store, after_detect=_apply_silences)
