@@ -157,18 +157,29 @@ def ingest(
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             err.print(f"following {', '.join(paths)} (Ctrl-C to stop)")
             followed: list = []
-            watcher = threading.Thread(
-                target=lambda: followed.append(follow_paths(store, settings, paths, fmt, stop)), daemon=True
-            )
-            watcher.start()
+            done = threading.Event()
+
+            def watch() -> None:
+                try:
+                    followed.append(follow_paths(store, settings, paths, fmt, stop))
+                finally:
+                    done.set()
+
+            threading.Thread(target=watch, daemon=True).start()
+            interrupted = False
+            # Waited for on an Event, not Thread.join: Ctrl-C inside join() marks the thread as
+            # stopped while it still runs (CPython 3.11), so the summary was never waited for.
             try:
-                while watcher.is_alive():
-                    watcher.join(0.5)
+                while not done.wait(0.5):
+                    pass
             except KeyboardInterrupt:
+                interrupted = True
                 stop.set()
-                watcher.join(10)
+                done.wait(30)
             if followed:  # what this run stored, as a one-shot ingest reports it
                 _print_ingest_summary(followed[0], settings.database_url)
+            if interrupted:
+                raise typer.Exit(130)  # as a one-shot ingest: main() says what is kept
             return
         with _progress(sys.stderr.isatty()) as hook:
             summary = ingest_paths(store, settings, paths, fmt, progress=hook, reread=reread)
