@@ -19,8 +19,14 @@ import pytest
 from pipeline.samples import write_combined_log
 
 
+# The tree under test: the commands run in a temporary directory, where an installed copy of
+# mailwarden would otherwise be imported instead of this one.
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "MAILWARDEN_PEPPER": "p", "COLUMNS": "200"}
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "MAILWARDEN_PEPPER": "p", "COLUMNS": "200", "PYTHONPATH": path}
 
 
 def _cli(*args: str, cwd: Path, stdin=None) -> subprocess.CompletedProcess:
