@@ -156,3 +156,28 @@ def test_a_misspelt_detector_fails_detect_even_before_anything_is_stored(tmp_pat
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     # The brackets are the message's, not markup to be swallowed.
     _assert_one_clear_line(done, 2, "unknown detector(s) ip_brust in [detectors]")
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ('timezone = "Mars/Olympus"', "error: timezone: unknown time zone 'Mars/Olympus'"),
+        ('trusted_proxies = ["10.0.0.0/8", "10.0.0.0/33"]', "error: trusted_proxies: entry 2, '10.0.0.0/33', is not"),
+        ('json_mapping = "nope"', "error: json_mapping: unknown mapping 'nope' (built-in: mailapi, apigateway, traefik"),
+        ('json_mapping = {ts = "time"}', "error: json_mapping: source_ip must be mapped"),
+    ],
+)
+def test_settings_a_parser_needs_are_checked_when_the_settings_load(tmp_path: Path, setting: str, needle: str) -> None:
+    # `alerts` uses no parser: the setting is refused all the same, not only once a parser runs.
+    (tmp_path / "bad.toml").write_text(setting + "\n")
+    env = {**_env(), "MAILWARDEN_CONFIG": str(tmp_path / "bad.toml")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "alerts"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_clear_line(done, 2, needle)
+
+
+def test_the_json_mappings_a_parser_takes_still_load(tmp_path: Path) -> None:
+    from pipeline.config import load_settings
+
+    for value in ("Traefik", {"ts": "time", "source_ip": ["ip", "client.ip"]}, None):
+        assert load_settings(json_mapping=value, timezone="Europe/Berlin", trusted_proxies=["::1", "10.0.0.0/8"]).json_mapping == value
