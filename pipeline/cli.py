@@ -71,7 +71,15 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise MailwardenError(f"--{name}: {value!r} is not an ISO-8601 time (e.g. 2026-11-30T14:00:00Z)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    # The years events can have (the parsers' bounds); near year 1 or 9999 the detectors'
+    # lookback arithmetic would overflow datetime.
+    if not OPTION_YEARS[0] <= parsed.year <= OPTION_YEARS[1]:
+        raise MailwardenError(f"--{name}: {value!r} is outside the years {OPTION_YEARS[0]} to {OPTION_YEARS[1]}")
+    return parsed
+
+
+OPTION_YEARS = (1970, 2200)
 
 
 @contextmanager
@@ -239,11 +247,15 @@ def _alerts_table(rows: list[dict]) -> Table:
     return table
 
 
+# As the API's GET /alerts page (api.routers.alerts); beyond SQLite's integers it was an internal error.
+ALERTS_MAX_LIMIT = 500
+
+
 @app.command()
 def alerts(
     status: Annotated[Optional[str], typer.Option(help="Only alerts with this status (open, acknowledged…).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many alerts.")] = 200,
+    limit: Annotated[int, typer.Option(min=1, max=ALERTS_MAX_LIMIT, help="At most this many alerts.")] = 200,
     database_url: DatabaseOption = None,
 ) -> None:
     """List alerts, most severe first."""

@@ -181,3 +181,26 @@ def test_the_json_mappings_a_parser_takes_still_load(tmp_path: Path) -> None:
 
     for value in ("Traefik", {"ts": "time", "source_ip": ["ip", "client.ip"]}, None):
         assert load_settings(json_mapping=value, timezone="Europe/Berlin", trusted_proxies=["::1", "10.0.0.0/8"]).json_mapping == value
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["detect", "--since", "0001-01-01", "--until", "0001-01-02"], "error: --since: '0001-01-01' is outside the years 1970 to 2200"),
+        (["detect", "--until", "9999-12-31"], "error: --until: '9999-12-31' is outside the years 1970 to 2200"),
+        (["alerts", "--limit", "99999999999999999999"], "--limit': Input should be less than or equal to 500"),
+    ],
+)
+def test_out_of_range_times_and_limits_are_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    assert _cli("db", "upgrade", "--database-url", db, cwd=tmp_path).returncode == 0
+    done = _cli(*args, "--database-url", db, cwd=tmp_path)
+    _assert_one_clear_line(done, 2, needle)
+    assert "internal error" not in done.stderr
+
+
+def test_alerts_limit_at_the_api_maximum_is_accepted(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    assert _cli("db", "upgrade", "--database-url", db, cwd=tmp_path).returncode == 0
+    done = _cli("alerts", "--limit", "500", "--database-url", db, cwd=tmp_path)
+    assert done.returncode == 0 and "0 alerts" in done.stdout, done.stderr
