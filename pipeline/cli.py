@@ -259,6 +259,11 @@ def alerts(
     database_url: DatabaseOption = None,
 ) -> None:
     """List alerts, most severe first."""
+    from pipeline.schema import AlertStatus
+
+    if status is not None and status not in {s.value for s in AlertStatus}:
+        # A typo would otherwise list nothing, as if there were no such alerts (the API says 422 too).
+        raise MailwardenError(f"--status: unknown status {status!r} (one of: {', '.join(s.value for s in AlertStatus)})")
     settings = _settings(database_url)
     store = Store.open(settings.database_url, must_exist=True)
     try:

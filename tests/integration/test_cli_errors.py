@@ -204,3 +204,11 @@ def test_alerts_limit_at_the_api_maximum_is_accepted(tmp_path: Path) -> None:
     assert _cli("db", "upgrade", "--database-url", db, cwd=tmp_path).returncode == 0
     done = _cli("alerts", "--limit", "500", "--database-url", db, cwd=tmp_path)
     assert done.returncode == 0 and "0 alerts" in done.stdout, done.stderr
+
+
+def test_alerts_status_typo_is_an_error_naming_the_statuses(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    assert _cli("db", "upgrade", "--database-url", db, cwd=tmp_path).returncode == 0
+    done = _cli("alerts", "--status", "bogus", "--database-url", db, cwd=tmp_path)
+    _assert_one_clear_line(done, 2, "error: --status: unknown status 'bogus' (one of: open, acknowledged, resolved, silenced)")
+    assert _cli("alerts", "--status", "resolved", "--database-url", db, cwd=tmp_path).returncode == 0
