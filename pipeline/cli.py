@@ -242,7 +242,7 @@ def _alerts_table(rows: list[dict]) -> Table:
             f"{r['window_start']:%Y-%m-%d %H:%M} → {r['window_end']:%H:%M}",
             r["title"],
             r["status"],
-            r["alert_id"][:10],
+            r["alert_id"],  # whole: the API and `alerts --json` take no shorter form
         )
     return table
 
