@@ -212,3 +212,29 @@ def test_alerts_status_typo_is_an_error_naming_the_statuses(tmp_path: Path) -> N
     done = _cli("alerts", "--status", "bogus", "--database-url", db, cwd=tmp_path)
     _assert_one_clear_line(done, 2, "error: --status: unknown status 'bogus' (one of: open, acknowledged, resolved, silenced)")
     assert _cli("alerts", "--status", "resolved", "--database-url", db, cwd=tmp_path).returncode == 0
+
+
+def test_a_path_that_is_no_regular_file_is_named_as_such(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    db = f"sqlite:///{tmp_path / 'n.db'}"
+    for path in ("/dev/null", str(fifo)):
+        done = _cli("ingest", path, "--database-url", db, cwd=tmp_path)
+        _assert_one_clear_line(done, 2, f"error: '{path}' is not a regular file; give a log file, or - for standard input")
+    done = _cli("ingest", str(tmp_path / "absent.log"), "--database-url", db, cwd=tmp_path)
+    _assert_one_clear_line(done, 2, "no file matches")  # a missing file keeps its own message
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("mysql://u:secret@db.example/m", "error: unsupported database 'mysql' in mysql://u:***@db.example/m: mailwarden "
+                                          "stores in SQLite (sqlite:///path/mailwarden.db) or PostgreSQL"),
+        ("sqlite:///{tmp}/adir", "error: {tmp}/adir is a directory: name a database file, e.g. sqlite:///{tmp}/adir/mailwarden.db"),
+    ],
+)
+def test_database_urls_mailwarden_cannot_use_say_why(tmp_path: Path, url: str, needle: str) -> None:
+    (tmp_path / "adir").mkdir()
+    done = _cli("db", "upgrade", "--database-url", url.format(tmp=tmp_path), cwd=tmp_path)
+    _assert_one_clear_line(done, 2, needle.format(tmp=tmp_path))
+    assert "secret" not in done.stderr and "MySQLdb" not in done.stderr
