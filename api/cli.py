@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -105,6 +107,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind the address once and let it go, so a taken port or a host that is no address here is one
+    error line before anything is announced or started (uvicorn would log and exit 3 after our banner)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host!r} is not an address to listen on ({getattr(exc, 'strerror', None) or exc})") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As uvicorn binds: a port held only by connections in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use (choose another with --port)") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def _warm_dashboard(store: Any) -> None:
     """While uvicorn starts: trim and compress plotly.js, and count the dashboard's default range,
     so the first page load finds both ready."""
@@ -132,6 +153,7 @@ def serve(
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"TLS file {path} does not exist")
+    check_listen(host, port)
     tls = tls_cert is not None
     if not tls and not is_loopback(host):
         err.print(

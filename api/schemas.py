@@ -105,6 +105,18 @@ class SilenceIn(BaseModel):
     expires_at: datetime | None = None
     duration_minutes: int | None = Field(None, ge=1, le=366 * 24 * 60)
 
+    @field_validator("detector")
+    @classmethod
+    def _known_detector(cls, value: str | None) -> str | None:
+        """A misspelt detector would mute nothing while looking in place; the config refuses it too."""
+        if not value:
+            return value
+        from detectors.registry import DETECTORS  # lazily: it imports the models (scikit-learn)
+
+        if value not in DETECTORS:
+            raise ValueError(f"unknown detector {value!r} (known: {', '.join(sorted(DETECTORS))})")
+        return value
+
     @field_validator("cidr")
     @classmethod
     def _valid_cidr(cls, value: str | None) -> str | None:
@@ -165,6 +177,8 @@ class HealthOut(BaseModel):
     status: str
     store: str
     version: str
+    # Background work of this process that stopped (a follower of `mailwarden run`); empty when all runs.
+    problems: list[str] = []
 
 
 class AuditOut(BaseModel):

@@ -71,7 +71,15 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise MailwardenError(f"--{name}: {value!r} is not an ISO-8601 time (e.g. 2026-11-30T14:00:00Z)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    # The years events can have (the parsers' bounds); near year 1 or 9999 the detectors'
+    # lookback arithmetic would overflow datetime.
+    if not OPTION_YEARS[0] <= parsed.year <= OPTION_YEARS[1]:
+        raise MailwardenError(f"--{name}: {value!r} is outside the years {OPTION_YEARS[0]} to {OPTION_YEARS[1]}")
+    return parsed
+
+
+OPTION_YEARS = (1970, 2200)
 
 
 @contextmanager
@@ -157,18 +165,29 @@ def ingest(
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             err.print(f"following {', '.join(paths)} (Ctrl-C to stop)")
             followed: list = []
-            watcher = threading.Thread(
-                target=lambda: followed.append(follow_paths(store, settings, paths, fmt, stop)), daemon=True
-            )
-            watcher.start()
+            done = threading.Event()
+
+            def watch() -> None:
+                try:
+                    followed.append(follow_paths(store, settings, paths, fmt, stop))
+                finally:
+                    done.set()
+
+            threading.Thread(target=watch, daemon=True).start()
+            interrupted = False
+            # Waited for on an Event, not Thread.join: Ctrl-C inside join() marks the thread as
+            # stopped while it still runs (CPython 3.11), so the summary was never waited for.
             try:
-                while watcher.is_alive():
-                    watcher.join(0.5)
+                while not done.wait(0.5):
+                    pass
             except KeyboardInterrupt:
+                interrupted = True
                 stop.set()
-                watcher.join(10)
+                done.wait(30)
             if followed:  # what this run stored, as a one-shot ingest reports it
                 _print_ingest_summary(followed[0], settings.database_url)
+            if interrupted:
+                raise typer.Exit(130)  # as a one-shot ingest: main() says what is kept
             return
         with _progress(sys.stderr.isatty()) as hook:
             summary = ingest_paths(store, settings, paths, fmt, progress=hook, reread=reread)
@@ -229,19 +248,28 @@ def _alerts_table(rows: list[dict]) -> Table:
             f"{r['window_start']:%Y-%m-%d %H:%M} → {r['window_end']:%H:%M}",
             r["title"],
             r["status"],
-            r["alert_id"][:10],
+            r["alert_id"],  # whole: the API and `alerts --json` take no shorter form
         )
     return table
+
+
+# As the API's GET /alerts page (api.routers.alerts); beyond SQLite's integers it was an internal error.
+ALERTS_MAX_LIMIT = 500
 
 
 @app.command()
 def alerts(
     status: Annotated[Optional[str], typer.Option(help="Only alerts with this status (open, acknowledged…).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many alerts.")] = 200,
+    limit: Annotated[int, typer.Option(min=1, max=ALERTS_MAX_LIMIT, help="At most this many alerts.")] = 200,
     database_url: DatabaseOption = None,
 ) -> None:
     """List alerts, most severe first."""
+    from pipeline.schema import AlertStatus
+
+    if status is not None and status not in {s.value for s in AlertStatus}:
+        # A typo would otherwise list nothing, as if there were no such alerts (the API says 422 too).
+        raise MailwardenError(f"--status: unknown status {status!r} (one of: {', '.join(s.value for s in AlertStatus)})")
     settings = _settings(database_url)
     store = Store.open(settings.database_url, must_exist=True)
     try:
@@ -329,9 +357,10 @@ def run(
     database_url: DatabaseOption = None,
 ) -> None:
     """The service: follow the configured sources, detect and notify on schedule, serve the API."""
-    from api.cli import serve
+    from api.cli import check_listen, serve
     from pipeline.scheduler import Service
 
+    check_listen(host, port)  # before the followers and jobs start, not only when serve() binds
     settings = _settings(database_url)
     store = Store.open(settings.database_url, read_url=settings.read_database_url)
     service = Service(settings, store, after_detect=_apply_silences)

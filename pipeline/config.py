@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
+import zoneinfo
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -104,6 +106,35 @@ class Settings(BaseSettings):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     # Networks, API keys and accounts every detector leaves out; per detector: allow_cidrs etc.
     allowlist: AllowlistConfig = Field(default_factory=AllowlistConfig)
+
+    # Checked on load, not when the parser that needs them first runs (which for `mailwarden run`
+    # can be hours later, in a follower thread). ConfigError passes through pydantic unwrapped.
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"timezone: unknown time zone {value!r} (an IANA name such as 'UTC' or 'Europe/Berlin')") from None
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for n, cidr in enumerate(value, start=1):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_proxies: entry {n}, {cidr!r}, is not an address or network (CIDR)") from None
+        return value
+
+    @field_validator("json_mapping")
+    @classmethod
+    def _mapping(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        from pipeline.parsers.jsonl import resolve_mapping
+
+        resolve_mapping(value)  # a built-in name or a complete {column: field path} table
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -11,10 +12,12 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from pipeline.config import Settings
+from pipeline.config import Settings, SourceConfig
+from pipeline.health import clear_problems, report_problem
 from pipeline.jobs import detect_once, follow_paths
 from pipeline.leader import Leadership
 from pipeline.partitions import maintain
+from pipeline.schema import ConfigError
 from pipeline.store import Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,30 @@ def train_due(store: Store, settings: Settings, force: bool = False) -> dict[str
     results = {r.name: r for r in train_once(store, settings, until=until)}
     store.set_watermark(TRAIN_WATERMARK, until)
     return results
+
+
+def check_sources(sources: list[SourceConfig]) -> None:
+    """Refuse at start-up what a follower could never read (an unknown format, a directory, a file
+    it may not open) with one line naming the entry; numbered from 1, as they appear in the file.
+
+    A path where nothing exists yet only gets a warning: followed files may be created later.
+    """
+    from pipeline.parsers import PARSERS, _load_builtin
+
+    _load_builtin()
+    known = sorted([*PARSERS, "auto"])
+    for n, source in enumerate(sources, start=1):
+        if source.format not in known:
+            raise ConfigError(f"sources[{n}].format: unknown format {source.format!r} (known: {', '.join(known)})")
+        if not source.paths:
+            raise ConfigError(f"sources[{n}].paths: name at least one file to follow")
+        for path in source.paths:
+            if os.path.isdir(path):
+                raise ConfigError(f"sources[{n}].paths: {path!r} is a directory; name the log file in it")
+            if not os.path.exists(path):
+                log.warning("sources[%d].paths: %r does not exist yet; it is followed once it appears", n, path)
+            elif not os.access(path, os.R_OK):
+                raise ConfigError(f"sources[{n}].paths: {path!r} is not readable by this user")
 
 
 class Service:
@@ -126,7 +153,19 @@ class Service:
         return self._routes
 
     # ---- lifecycle -------------------------------------------------------------------------
+    def _thread_died(self, args: threading.ExceptHookArgs) -> None:
+        """A follower thread that fails (a file replaced by a directory, a permission taken away)
+        logs one line instead of a traceback and shows in /health, rather than vanish unnoticed."""
+        if args.exc_type is SystemExit:
+            return
+        where = _source_of(args.exc_traceback, self.settings.sources) or f"thread {args.thread.name if args.thread else '?'}"
+        first = str(args.exc_value).strip().splitlines()[:1]
+        log.error("%s stopped: %s%s", where, args.exc_type.__name__, f": {first[0]}" if first else "")
+        # /health is open to all: the exception type only, the path stays in the log.
+        report_problem(where, f"stopped ({args.exc_type.__name__}); see the service log")
+
     def start(self) -> None:
+        check_sources(self.settings.sources)
         self.routes()  # a bad route is a ConfigError at start-up, not at the first alert
         # Likewise a bad detector table; building them also pays the imports (pandas, scikit-learn)
         # here instead of in the first detect tick, so the first alert is as quick as the later ones.
@@ -134,6 +173,9 @@ class Service:
 
         build_detectors(self.settings.detectors)
         _import_heavy_modules()
+        clear_problems()
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_died
         for source in self.settings.sources:
             thread = threading.Thread(
                 target=follow_paths,
@@ -165,6 +207,22 @@ class Service:
         self.leader.release_all()
         for thread in self._followers:
             thread.join(10)
+        if threading.excepthook == self._thread_died:
+            threading.excepthook = self._previous_hook
+
+
+def _source_of(tb: Any, sources: list[SourceConfig]) -> str | None:
+    """Which `[[sources]]` entry a failed follower thread was reading, from its `path` local in
+    pipeline.jobs.follow_paths (the thread is unnamed there, so its stack is what tells)."""
+    while tb is not None:
+        frame = tb.tb_frame
+        path = frame.f_locals.get("path") if frame.f_code.co_name == "run" else None
+        if isinstance(path, str):
+            for n, source in enumerate(sources, start=1):
+                if path in source.paths:
+                    return f"sources[{n}] follower"
+        tb = tb.tb_next
+    return None
 
 
 def _import_heavy_modules() -> None:

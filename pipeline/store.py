@@ -158,8 +158,16 @@ def _utc(value: datetime) -> datetime:
 def make_engine(url: str) -> Engine:
     """Engine with SQLite tuned for bulk writes (WAL) or PostgreSQL with pre-ping."""
     try:
+        backend = sa.engine.make_url(url).get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            # Otherwise the missing driver speaks ("No module named 'MySQLdb'"), not the real limit.
+            raise StoreError(f"unsupported database {backend!r} in {redact_url(url)}: mailwarden stores in "
+                             "SQLite (sqlite:///path/mailwarden.db) or PostgreSQL (postgresql+psycopg://…)")
         if url.startswith("sqlite"):
             db_path = sa.engine.make_url(url).database
+            if db_path and db_path != ":memory:" and Path(db_path).expanduser().is_dir():
+                raise StoreError(f"{db_path} is a directory: name a database file, e.g. "
+                                 f"sqlite:///{Path(db_path) / 'mailwarden.db'}")
             if db_path and db_path != ":memory:":
                 Path(db_path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             engine = sa.create_engine(url, connect_args={"timeout": 60})

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from api.auth import Scope
-from api.deps import QueriesDep, require
+from api.deps import QueriesDep, check_range, require
 from api.queries import as_utc
 from api.schemas import StatsOut, TopEntry
 from pipeline.schema import Outcome
@@ -23,6 +23,7 @@ def stats(
     until: Annotated[datetime | None, Query(description="End; default: the last stored event.")] = None,
     top: Annotated[int, Query(ge=1, le=100, description="How many addresses and keys to list.")] = 10,
 ) -> StatsOut:
+    check_range(since, until)  # a reversed range is 422 here too, as on /events and /alerts
     by_outcome = queries.outcome_counts(since, until)
     requests = sum(by_outcome.values())
     return StatsOut(

@@ -53,6 +53,8 @@ def expand_paths(patterns: list[str]) -> list[str]:
             if os.path.isdir(expanded):
                 hint = f"{pattern.rstrip('/')}/*.log"
                 raise ConfigError(f"{pattern!r} is a directory; give a file or a glob like {hint!r}")
+            if os.path.exists(expanded):  # /dev/null, a named pipe, a socket: there, but no log file
+                raise ConfigError(f"{pattern!r} is not a regular file; give a log file, or - for standard input")
             raise ConfigError(f"no file matches {pattern!r}")
         for m in matches:
             found.setdefault(m, None)

@@ -120,3 +120,22 @@ def test_ack_and_resolve(api, alert_factory) -> None:
     assert api.client.post("/alerts/nope/ack", headers=writer).status_code == 404
     who = [(r["key_name"], r["path"], r["status"]) for r in api.audit_rows() if r["method"] == "POST"]
     assert who[0] == ("oncall", f"{url}/ack", 200)
+
+
+def test_an_id_copied_from_the_cli_table_resolves_through_the_api(sqlite_api, alert_factory) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    alert = alert_factory("ip_burst", "203.0.113.9")
+    sqlite_api.store.upsert_alerts([alert])
+    url = sqlite_api.store.engine.url.render_as_string(hide_password=False)
+    listed = CliRunner().invoke(app, ["alerts", "--database-url", url], env={"COLUMNS": "200", "MAILWARDEN_CONFIG": "/dev/null"})
+    assert listed.exit_code == 0, listed.output
+    shown = re.findall(r"\b[0-9a-f]{10,}\b", listed.stdout)
+    assert shown == [alert.alert_id]
+    writer = sqlite_api.key("alerts:write")
+    resolved = sqlite_api.client.post(f"/alerts/{shown[0]}/resolve", headers=writer)
+    assert resolved.status_code == 200 and resolved.json()["status"] == "resolved"

@@ -154,3 +154,11 @@ def test_ip_filter_parsing() -> None:
     assert parse_ip_filter("203.0.113.77/24") == (None, ipaddress.ip_network("203.0.113.0/24"))
     with pytest.raises(ValueError):
         parse_ip_filter("example.com")
+
+
+def test_a_reversed_range_is_refused_alike_by_stats_events_and_alerts(sqlite_api) -> None:
+    sqlite_api.add_events(_rows())
+    headers = sqlite_api.key("events:read", "alerts:read")
+    for path in ("/stats", "/events", "/alerts"):
+        response = sqlite_api.client.get(f"{path}?since=2026-12-01&until=2026-11-01", headers=headers)
+        assert (response.status_code, response.json()["detail"]) == (422, "since is after until"), path

@@ -145,3 +145,30 @@ def test_migration_0003_round_trips(tmp_path: Path) -> None:
     assert current_revision(store.engine) == head
     assert api_tables <= set(sa.inspect(store.engine).get_table_names())
     store.close()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "999.1.1.1"])
+def test_an_address_that_cannot_be_bound_is_one_error_line_before_any_banner(
+    tmp_path: Path, command: str, host: str
+) -> None:
+    env = {k: v for k, v in _env(tmp_path).items() if k != "MAILWARDEN_CONFIG"} | {"MAILWARDEN_CONFIG": "/dev/null"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # cwd: this tree, so `-m pipeline` runs the code under test.
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", command, "--host", host, "--port", str(port),
+             "--database-url", f"sqlite:///{tmp_path / 'b.db'}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "mailwarden API on" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    expected = (f"error: port {port} on 127.0.0.1 is already in use" if host == "127.0.0.1"
+                else "error: --host '999.1.1.1' is not an address to listen on")
+    assert len(lines) == 1 and lines[0].startswith(expected), done.stderr

@@ -49,6 +49,8 @@ def test_silence_crud(api) -> None:
         ({"comment": "no matcher", "duration_minutes": 5}, "at least one matcher"),
         ({"detector": "ip_burst", "comment": "no expiry"}, "exactly one of"),
         ({"cidr": "300.1.2.0/24", "comment": "x", "duration_minutes": 5}, "not a CIDR"),
+        ({"detector": "ip_brust", "comment": "typo", "duration_minutes": 5},
+         "unknown detector 'ip_brust' (known: auth_bruteforce, credential_stuffing,"),
         ({"detector": "ip_burst", "comment": "past", "expires_at": "2020-01-01T00:00:00Z"}, "in the future"),
         # A misspelt field is named, not ignored (a fresh user sent ends_at and matchers).
         ({"detector": "ip_burst", "comment": "x", "duration_minutes": 5, "ends_at": "2030-01-01T00:00:00Z"}, "ends_at"),

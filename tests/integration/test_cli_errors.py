@@ -19,8 +19,14 @@ import pytest
 from pipeline.samples import write_combined_log
 
 
+# The tree under test: the commands run in a temporary directory, where an installed copy of
+# mailwarden would otherwise be imported instead of this one.
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "MAILWARDEN_PEPPER": "p", "COLUMNS": "200"}
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "MAILWARDEN_PEPPER": "p", "COLUMNS": "200", "PYTHONPATH": path}
 
 
 def _cli(*args: str, cwd: Path, stdin=None) -> subprocess.CompletedProcess:
@@ -150,3 +156,85 @@ def test_a_misspelt_detector_fails_detect_even_before_anything_is_stored(tmp_pat
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     # The brackets are the message's, not markup to be swallowed.
     _assert_one_clear_line(done, 2, "unknown detector(s) ip_brust in [detectors]")
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ('timezone = "Mars/Olympus"', "error: timezone: unknown time zone 'Mars/Olympus'"),
+        ('trusted_proxies = ["10.0.0.0/8", "10.0.0.0/33"]', "error: trusted_proxies: entry 2, '10.0.0.0/33', is not"),
+        ('json_mapping = "nope"', "error: json_mapping: unknown mapping 'nope' (built-in: mailapi, apigateway, traefik"),
+        ('json_mapping = {ts = "time"}', "error: json_mapping: source_ip must be mapped"),
+    ],
+)
+def test_settings_a_parser_needs_are_checked_when_the_settings_load(tmp_path: Path, setting: str, needle: str) -> None:
+    # `alerts` uses no parser: the setting is refused all the same, not only once a parser runs.
+    (tmp_path / "bad.toml").write_text(setting + "\n")
+    env = {**_env(), "MAILWARDEN_CONFIG": str(tmp_path / "bad.toml")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "alerts"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    _assert_one_clear_line(done, 2, needle)
+
+
+def test_the_json_mappings_a_parser_takes_still_load(tmp_path: Path) -> None:
+    from pipeline.config import load_settings
+
+    for value in ("Traefik", {"ts": "time", "source_ip": ["ip", "client.ip"]}, None):
+        assert load_settings(json_mapping=value, timezone="Europe/Berlin", trusted_proxies=["::1", "10.0.0.0/8"]).json_mapping == value
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["detect", "--since", "0001-01-01", "--until", "0001-01-02"], "error: --since: '0001-01-01' is outside the years 1970 to 2200"),
+        (["detect", "--until", "9999-12-31"], "error: --until: '9999-12-31' is outside the years 1970 to 2200"),
+        (["alerts", "--limit", "99999999999999999999"], "--limit': Input should be less than or equal to 500"),
+    ],
+)
+def test_out_of_range_times_and_limits_are_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    assert _cli("db", "upgrade", "--database-url", db, cwd=tmp_path).returncode == 0
+    done = _cli(*args, "--database-url", db, cwd=tmp_path)
+    _assert_one_clear_line(done, 2, needle)
+    assert "internal error" not in done.stderr
+
+
+def test_alerts_limit_at_the_api_maximum_is_accepted(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    assert _cli("db", "upgrade", "--database-url", db, cwd=tmp_path).returncode == 0
+    done = _cli("alerts", "--limit", "500", "--database-url", db, cwd=tmp_path)
+    assert done.returncode == 0 and "0 alerts" in done.stdout, done.stderr
+
+
+def test_alerts_status_typo_is_an_error_naming_the_statuses(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    assert _cli("db", "upgrade", "--database-url", db, cwd=tmp_path).returncode == 0
+    done = _cli("alerts", "--status", "bogus", "--database-url", db, cwd=tmp_path)
+    _assert_one_clear_line(done, 2, "error: --status: unknown status 'bogus' (one of: open, acknowledged, resolved, silenced)")
+    assert _cli("alerts", "--status", "resolved", "--database-url", db, cwd=tmp_path).returncode == 0
+
+
+def test_a_path_that_is_no_regular_file_is_named_as_such(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    db = f"sqlite:///{tmp_path / 'n.db'}"
+    for path in ("/dev/null", str(fifo)):
+        done = _cli("ingest", path, "--database-url", db, cwd=tmp_path)
+        _assert_one_clear_line(done, 2, f"error: '{path}' is not a regular file; give a log file, or - for standard input")
+    done = _cli("ingest", str(tmp_path / "absent.log"), "--database-url", db, cwd=tmp_path)
+    _assert_one_clear_line(done, 2, "no file matches")  # a missing file keeps its own message
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("mysql://u:secret@db.example/m", "error: unsupported database 'mysql' in mysql://u:***@db.example/m: mailwarden "
+                                          "stores in SQLite (sqlite:///path/mailwarden.db) or PostgreSQL"),
+        ("sqlite:///{tmp}/adir", "error: {tmp}/adir is a directory: name a database file, e.g. sqlite:///{tmp}/adir/mailwarden.db"),
+    ],
+)
+def test_database_urls_mailwarden_cannot_use_say_why(tmp_path: Path, url: str, needle: str) -> None:
+    (tmp_path / "adir").mkdir()
+    done = _cli("db", "upgrade", "--database-url", url.format(tmp=tmp_path), cwd=tmp_path)
+    _assert_one_clear_line(done, 2, needle.format(tmp=tmp_path))
+    assert "secret" not in done.stderr and "MySQLdb" not in done.stderr
