@@ -158,6 +158,8 @@ def keys_revoke(
     if file is not None:
         entries += [(key, stamp or when) for key, stamp in read_revocation_file(file)]
     if not entries:
+        if file is not None:
+            raise MailwardenError(f"{file} holds no keys (one key per line, optionally followed by a time)")
         raise MailwardenError("name at least one key, or a file with --file")
     settings = _settings(database_url)
     store = Store.open(settings.database_url)
