@@ -3,7 +3,8 @@
 Usage:
   python bench/scale.py [--pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres]
                         [--ingest-lines 800000] [--workers 1,2,4]
-                        [--week-events 1000000,10000000] [--skip-ingest] [--skip-detect]
+                        [--week-events 1000000,10000000] [--days 7] [--skip-ingest] [--skip-detect]
+                        [--no-aggregates]
 
 Ingest: the same 8 combined-format files (disjoint sources) are split over k `mailwarden ingest`
 processes into a fresh database; events/s = events stored / wall time from the first spawn to the
@@ -135,14 +136,15 @@ def bench_ingest(admin_url: str, lines: int, workers: list[int], tmp: Path) -> N
             drop_db(admin, url)
 
 
-def bench_detect(admin_url: str, week_events: int) -> None:
+def bench_detect(admin_url: str, week_events: int, days: int = 7, aggregates: bool = True) -> None:
+    """`week_events` spread over `days` days (7: a week; 1: issue 7's day of 10,000,000 events)."""
     url, admin = fresh_db(admin_url)
     try:
         store = Store.open(url)
-        per_day = week_events // 7
+        per_day = week_events // days
         started = time.perf_counter()
         with store.engine.begin() as conn:
-            for day in range(7):
+            for day in range(days):
                 conn.execute(sa.text(FILL_DAY), {"day": day, "start": WEEK_START + timedelta(days=day), "n": per_day})
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(sa.text("VACUUM ANALYZE events"))
@@ -153,7 +155,7 @@ def bench_detect(admin_url: str, week_events: int) -> None:
                 "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits WHERE inhparent = 'events'::regclass"
             )).scalar_one()
         store.close()
-        until = WEEK_START + timedelta(days=7) - timedelta(microseconds=1)
+        until = WEEK_START + timedelta(days=days) - timedelta(microseconds=1)
         print(json.dumps({"bench": "fill", "events": total, "seconds": round(fill, 1),
                           "bytes_per_event_with_indexes": round(size / max(total, 1))}), flush=True)
 
@@ -165,8 +167,10 @@ def bench_detect(admin_url: str, week_events: int) -> None:
         peak = wait_all([proc])
         wall = time.perf_counter() - started
         summary = proc.stdout.read().strip().splitlines()[-1] if proc.stdout else ""
-        print(json.dumps({"bench": "detect", "events": total, "seconds": round(wall, 1), "peak_rss_mb": round(peak),
-                          "summary": summary}), flush=True)
+        print(json.dumps({"bench": "detect", "events": total, "days": days, "seconds": round(wall, 1),
+                          "peak_rss_mb": round(peak), "summary": summary}), flush=True)
+        if not aggregates:
+            return
 
         proc = subprocess.Popen(
             [sys.executable, "-c", AGGREGATE_RUN, url, WEEK_START.isoformat(), until.isoformat()],
@@ -188,6 +192,8 @@ def main() -> None:
     parser.add_argument("--week-events", default="1000000,10000000")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--skip-detect", action="store_true")
+    parser.add_argument("--days", type=int, default=7, help="Days the detect benchmark's events are spread over.")
+    parser.add_argument("--no-aggregates", action="store_true", help="Skip timing the SQL window aggregates alone.")
     args = parser.parse_args()
     print(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}))
     with tempfile.TemporaryDirectory(prefix="mw-scale-") as tmp:
@@ -195,7 +201,7 @@ def main() -> None:
             bench_ingest(args.pg, args.ingest_lines, [int(k) for k in args.workers.split(",")], Path(tmp))
     if not args.skip_detect:
         for n in (int(x) for x in args.week_events.split(",")):
-            bench_detect(args.pg, n)
+            bench_detect(args.pg, n, args.days, not args.no_aggregates)
 
 
 if __name__ == "__main__":
