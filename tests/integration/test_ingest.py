@@ -152,7 +152,7 @@ def _cli(*args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.Comple
         (["ingest", "--format", "nope", "x.log"], "unknown format 'nope'"),
         (["ingest", "does-not-exist-*.log"], "does-not-exist"),
         (["detect", "--since", "yesterday"], "not an ISO-8601 time"),
-        (["alerts", "--database-url", "nosuchdriver://x"], "invalid database URL"),
+        (["alerts", "--database-url", "nosuchdriver://x"], "unsupported database 'nosuchdriver'"),
     ],
 )
 def test_cli_errors_are_one_line_without_traceback(args: list[str], message: str, tmp_path: Path) -> None:
