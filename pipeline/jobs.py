@@ -428,6 +428,10 @@ def _ingest_stdin(ingester: BatchIngester, settings: Settings, fmt: str, summary
         ingester.submit(batch, parser, name, None)
 
 
+# Prefix of a follower thread's name; the rest is the path it follows.
+FOLLOWER_PREFIX = "follow:"
+
+
 def follow_paths(
     store: Store,
     settings: Settings,
@@ -466,7 +470,8 @@ def follow_paths(
         finally:
             ingester.close()
 
-    threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in paths]
+    # Named after the file, so a thread that dies says which file it was following.
+    threads = [threading.Thread(target=run, args=(p,), name=f"{FOLLOWER_PREFIX}{p}", daemon=True) for p in paths]
     for t in threads:
         t.start()
     for t in threads:

@@ -14,7 +14,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from pipeline.config import Settings, SourceConfig
 from pipeline.health import clear_problems, report_problem
-from pipeline.jobs import detect_once, follow_paths
+from pipeline.jobs import FOLLOWER_PREFIX, detect_once, follow_paths, make_parser, parse_context
 from pipeline.leader import Leadership
 from pipeline.partitions import maintain
 from pipeline.schema import ConfigError
@@ -47,19 +47,18 @@ def train_due(store: Store, settings: Settings, force: bool = False) -> dict[str
     return results
 
 
-def check_sources(sources: list[SourceConfig]) -> None:
+def check_sources(settings: Settings) -> None:
     """Refuse at start-up what a follower could never read (an unknown format, a directory, a file
     it may not open) with one line naming the entry; numbered from 1, as they appear in the file.
 
     A path where nothing exists yet only gets a warning: followed files may be created later.
     """
-    from pipeline.parsers import PARSERS, _load_builtin
-
-    _load_builtin()
-    known = sorted([*PARSERS, "auto"])
-    for n, source in enumerate(sources, start=1):
-        if source.format not in known:
-            raise ConfigError(f"sources[{n}].format: unknown format {source.format!r} (known: {', '.join(known)})")
+    for n, source in enumerate(settings.sources, start=1):
+        if source.format != "auto":
+            try:
+                make_parser(source.format, parse_context(settings))
+            except ConfigError as exc:
+                raise ConfigError(f"sources[{n}].format: {exc}") from None
         if not source.paths:
             raise ConfigError(f"sources[{n}].paths: name at least one file to follow")
         for path in source.paths:
@@ -158,14 +157,15 @@ class Service:
         logs one line instead of a traceback and shows in /health, rather than vanish unnoticed."""
         if args.exc_type is SystemExit:
             return
-        where = _source_of(args.exc_traceback, self.settings.sources) or f"thread {args.thread.name if args.thread else '?'}"
+        name = args.thread.name if args.thread else "?"
+        where = _source_of(name, self.settings.sources) or f"thread {name}"
         first = str(args.exc_value).strip().splitlines()[:1]
         log.error("%s stopped: %s%s", where, args.exc_type.__name__, f": {first[0]}" if first else "")
         # /health is open to all: the exception type only, the path stays in the log.
         report_problem(where, f"stopped ({args.exc_type.__name__}); see the service log")
 
     def start(self) -> None:
-        check_sources(self.settings.sources)
+        check_sources(self.settings)
         self.routes()  # a bad route is a ConfigError at start-up, not at the first alert
         # Likewise a bad detector table; building them also pays the imports (pandas, scikit-learn)
         # here instead of in the first detect tick, so the first alert is as quick as the later ones.
@@ -180,7 +180,7 @@ class Service:
             thread = threading.Thread(
                 target=follow_paths,
                 args=(self.store, self.settings, source.paths, source.format, self.stop_event),
-                name=f"follow:{','.join(source.paths)}",
+                name=f"{FOLLOWER_PREFIX}{','.join(source.paths)}",
                 daemon=True,
             )
             thread.start()
@@ -211,17 +211,15 @@ class Service:
             threading.excepthook = self._previous_hook
 
 
-def _source_of(tb: Any, sources: list[SourceConfig]) -> str | None:
-    """Which `[[sources]]` entry a failed follower thread was reading, from its `path` local in
-    pipeline.jobs.follow_paths (the thread is unnamed there, so its stack is what tells)."""
-    while tb is not None:
-        frame = tb.tb_frame
-        path = frame.f_locals.get("path") if frame.f_code.co_name == "run" else None
-        if isinstance(path, str):
-            for n, source in enumerate(sources, start=1):
-                if path in source.paths:
-                    return f"sources[{n}] follower"
-        tb = tb.tb_next
+def _source_of(thread_name: str, sources: list[SourceConfig]) -> str | None:
+    """Which `[[sources]]` entry a follower thread was reading, from its name (follow_paths names
+    each thread after its file; the Service's own thread after all of the entry's files)."""
+    if not thread_name.startswith(FOLLOWER_PREFIX):
+        return None
+    followed = thread_name.removeprefix(FOLLOWER_PREFIX)
+    for n, source in enumerate(sources, start=1):
+        if followed in source.paths or followed == ",".join(source.paths):
+            return f"sources[{n}] follower"
     return None
 
 
