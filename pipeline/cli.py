@@ -20,6 +20,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from pipeline.config import Settings, load_settings
+from pipeline.parsers.base import MAX_YEAR, MIN_YEAR
 from pipeline.schema import MailwardenError, Severity
 from pipeline.store import Store, redact_url
 
@@ -72,14 +73,11 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
     except ValueError:
         raise MailwardenError(f"--{name}: {value!r} is not an ISO-8601 time (e.g. 2026-11-30T14:00:00Z)") from None
     parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    # The years events can have (the parsers' bounds); near year 1 or 9999 the detectors'
-    # lookback arithmetic would overflow datetime.
-    if not OPTION_YEARS[0] <= parsed.year <= OPTION_YEARS[1]:
-        raise MailwardenError(f"--{name}: {value!r} is outside the years {OPTION_YEARS[0]} to {OPTION_YEARS[1]}")
+    # The years events can have (the parsers' bounds; MAX_YEAR itself too, as an end of a range);
+    # near year 1 or 9999 the detectors' lookback arithmetic would overflow datetime.
+    if not MIN_YEAR <= parsed.year <= MAX_YEAR:
+        raise MailwardenError(f"--{name}: {value!r} is outside the years {MIN_YEAR} to {MAX_YEAR}")
     return parsed
-
-
-OPTION_YEARS = (1970, 2200)
 
 
 @contextmanager
