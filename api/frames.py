@@ -177,17 +177,8 @@ class FrameReader:
 
     # ---- building blocks -----------------------------------------------------------------------
     def stored_range(self) -> tuple[datetime, datetime] | None:
-        """The first and last event times, each read from the end of the ts index.
-
-        One query asking for min() and max() together makes SQLite scan the whole table (0.45 s
-        with a million events); two ordered LIMIT 1 reads take a few milliseconds on both stores.
-        """
-        with self.engine.connect() as conn:
-            first = conn.execute(sa.select(events.c.ts).order_by(events.c.ts).limit(1)).scalar()
-            if first is None:
-                return None
-            last = conn.execute(sa.select(events.c.ts).order_by(events.c.ts.desc()).limit(1)).scalar()
-        return _as_utc_time(first), _as_utc_time(last)
+        """The first and last event times (Store.event_time_range: two reads of the `ts` index)."""
+        return self.store.event_time_range()
 
     def _epoch(self) -> sa.ColumnElement:
         if self.store.dialect == "sqlite":
@@ -679,12 +670,6 @@ def _fold_entities(traffic: pd.DataFrame, entities: pd.DataFrame, grain: int) ->
     keys = (pairs.groupby(["api_key_id", "account"], as_index=False, dropna=False)
             [["requests", "failures", "auth_failures"]].sum())
     return RangeAggregates(traffic, ips, keys, grain)
-
-
-def _as_utc_time(value: Any) -> datetime:
-    # SQLite hands back the stored text or a naive datetime; PostgreSQL an aware one.
-    stamp = pd.Timestamp(value)
-    return (stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")).to_pydatetime()
 
 
 def unrotated_keys(keys: pd.DataFrame) -> pd.DataFrame:

@@ -50,7 +50,7 @@ from pipeline.sources import (
     read_stdin_batches,
 )
 from pipeline.sources.lines import GZIP_MAGIC
-from pipeline.store import Checkpoint, Store
+from pipeline.store import Checkpoint, Store, clip_range
 
 log = logging.getLogger(__name__)
 
@@ -816,10 +816,7 @@ def detect_range(
     stored = store.event_time_range()
     if stored is None:
         return DetectSummary(since, until)
-    # Only the stored span can hold events: a range of centuries (a typo, year 9999) would
-    # otherwise be stepped through day by day.
-    since = max(since or stored[0], stored[0])
-    until = min(until or stored[1], stored[1])
+    since, until = clip_range(since, until, stored)
     summary = DetectSummary(since, until)
     detectors, allowlists = build_pack(store, settings, only)
     if not detectors or since > until:

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from pipeline.config import load_settings
 from pipeline.schema import MailwardenError
-from pipeline.store import Store, redact_url
+from pipeline.store import Store, clip_range, redact_url
 
 err = Console(stderr=True)
 
@@ -162,12 +162,10 @@ def report(
         if start is not None and end is not None and start > end:
             raise MailwardenError("--since is after --until")
         if stored is not None:
-            # Only the stored span holds events: a range of centuries would be drawn hour by hour.
-            first, last = stored
-            if (start or first) > last or (end or last) < first:
-                raise MailwardenError(f"no stored events in that range: the store holds {first:%Y-%m-%d %H:%M} .. "
-                                      f"{last:%Y-%m-%d %H:%M} UTC")
-            start, end = max(start or first, first), min(end or last, last)
+            start, end = clip_range(start, end, stored)
+            if start > end:
+                raise MailwardenError(f"no stored events in that range: the store holds {stored[0]:%Y-%m-%d %H:%M} .. "
+                                      f"{stored[1]:%Y-%m-%d %H:%M} UTC")
         reader = FrameReader(store)
         span = Span(start, end)
         inputs = {name: LOADERS[name](reader, span) for name in REPORT_FIGURES}

@@ -14,6 +14,7 @@ from api.deps import PrincipalDep, QueriesDep, check_range, require
 from api.frames import LOADERS, FrameReader, Span, bucket_seconds  # noqa: F401 - bucket_seconds re-exported
 from api.queries import as_utc
 from dashboards.figures import FIGURES
+from pipeline.store import clip_range
 
 router = APIRouter(prefix="/plots", tags=["plots"], dependencies=[Depends(require(Scope.EVENTS_READ))])
 
@@ -58,13 +59,12 @@ def plot(
     since, until = as_utc(since), as_utc(until)
     if since is not None and until is not None:
         check_range(since, until)
-    # Time comes from the data: a replayed month plots the same as it did live. Only the stored
-    # span can hold events, so the range is cut to it (years 0001..9999 would be counted bucket by
-    # bucket); a range outside it draws the empty figure.
+    # Time comes from the data: a replayed month plots the same as it did live. A range outside
+    # the stored span draws the empty figure.
     stored = reader.stored_range()
     if stored is None:
         return _json(FIGURES[name](pd.DataFrame()))
-    since, until = max(since or stored[0], stored[0]), min(until or stored[1], stored[1])
+    since, until = clip_range(since, until, stored)
     if since > until:
         return _json(FIGURES[name](pd.DataFrame()))
     return _json(FIGURES[name](**LOADERS[name](reader, Span(since, until, tz))))
