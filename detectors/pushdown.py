@@ -130,6 +130,13 @@ def _width(table: pd.DataFrame) -> int:
     return int(table.attrs.get("bucket_seconds", 0))
 
 
+def busy_ips(rows: Rows, window: timedelta, at_least: float) -> Pushdown:
+    """IPs with at least `at_least` of these rows in some window: the condition of the rules that
+    count one IP's failures or misses in a sliding window (each IP's alerts from its rows alone)."""
+    return Pushdown(local=True, by="source_ip", bucket=window, measures={"events": Measure(rows)},
+                    pick=lambda table: busy(table, "source_ip", "events", at_least))
+
+
 def placed_credentials(geo: Any, need_known: int) -> Pushdown:
     """Credentials with at least two addresses among their accepted events, `need_known` of them
     placed in a country by `geo`: where a geography rule can see a credential move or arrive."""

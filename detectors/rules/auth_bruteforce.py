@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
-from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
+from detectors.pushdown import Clause, Pushdown, Rows, busy_ips
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -83,9 +83,7 @@ class AuthBruteforce(Detector):
 
     def pushdown(self) -> Pushdown:
         """An IP needs `threshold` failed logins in a window."""
-        failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
-        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
-                        pick=lambda table: busy(table, "source_ip", "failures", self.threshold))
+        return busy_ips(Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),)), self.window, self.threshold)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
-from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
+from detectors.pushdown import Clause, Pushdown, Rows, busy_ips
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -87,8 +87,7 @@ class CredentialStuffing(Detector):
     def pushdown(self) -> Pushdown:
         """An IP needs `min_distinct` failed logins in a window (distinct credentials are fewer)."""
         failed = Rows(all_of=(Clause("outcome", "eq", Outcome.AUTH_FAILED.value),))
-        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"failures": Measure(failed)},
-                        pick=lambda table: busy(table, "source_ip", "failures", self.min_distinct))
+        return busy_ips(failed, self.window, self.min_distinct)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

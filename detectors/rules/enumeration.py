@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
-from detectors.pushdown import Clause, Measure, Pushdown, Rows, busy
+from detectors.pushdown import Clause, Pushdown, Rows, busy_ips
 from detectors.features import (
     KeySpace,
     Timeline,
@@ -91,8 +91,7 @@ class Enumeration(Detector):
     def pushdown(self) -> Pushdown:
         """An IP needs `min_distinct` misses (distinct paths are fewer) in a window."""
         missed = Rows(all_of=(Clause("status", "in", tuple(self.statuses)), Clause("path", "notnull")))
-        return Pushdown(local=True, by="source_ip", bucket=self.window, measures={"misses": Measure(missed)},
-                        pick=lambda table: busy(table, "source_ip", "misses", self.min_distinct))
+        return busy_ips(missed, self.window, self.min_distinct)
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
         events, times = up_to_now(events, now)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
-from detectors.pushdown import Clause, Measure, Pushdown, Rows
+from detectors.pushdown import Clause, Pushdown, Rows
 from detectors.features import Timeline, counts_per_episode, entity_codes, episode_members, spread_sample
 from detectors.rules import (
     as_timedelta,

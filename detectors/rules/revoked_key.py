@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from detectors.base import Detector
-from detectors.pushdown import Clause, Measure, Pushdown, Rows, SKIP
+from detectors.pushdown import SKIP, Clause, Pushdown, Rows
 from detectors.features import (
     KeySpace,
     Timeline,
