@@ -153,34 +153,32 @@ class VolumeSpike(Detector):
         column = hour - first_hour + HISTORY_HOURS  # HISTORY_HOURS of zeros before the first
         shape = (len(keys), int(column.max()) + 1)
         cell = row * shape[1] + column
-        sent = np.bincount(cell, weights=table["sends"].to_numpy(), minlength=shape[0] * shape[1]).reshape(shape)
-        reached = np.bincount(cell, weights=table["recipients"].to_numpy(), minlength=shape[0] * shape[1]).reshape(shape)
+        counts = {name: np.bincount(cell, weights=table[name].to_numpy(), minlength=shape[0] * shape[1]).reshape(shape)
+                  for name in ("sends", "recipients")}
         # Judged: a send in [H - HISTORY_HOURS, H - min_history] (hours outside the frame never).
         earliest = HISTORY_HOURS - int(self.min_history.total_seconds() // 3600)
-        history = np.lib.stride_tricks.sliding_window_view(sent > 0, HISTORY_HOURS, axis=1)[:, :-1]
+        history = np.lib.stride_tricks.sliding_window_view(counts["sends"] > 0, HISTORY_HOURS, axis=1)[:, :-1]
         judged = np.zeros(shape, dtype=bool)
         judged[:, HISTORY_HOURS:] = history[:, :, : earliest + 1].any(axis=2)
-        # The median's lower bound ignores the first hour: it may begin before the frame does.
-        sent[:, HISTORY_HOURS] = reached[:, HISTORY_HOURS] = 0.0
-        low_s = np.zeros(shape)
-        low_r = np.zeros(shape)
         baseline = slice(HISTORY_HOURS - BASELINE_HOURS, HISTORY_HOURS)
-        low_s[:, HISTORY_HOURS:] = np.median(
-            np.lib.stride_tricks.sliding_window_view(sent, HISTORY_HOURS, axis=1)[:, :-1, baseline], axis=2)
-        low_r[:, HISTORY_HOURS:] = np.median(
-            np.lib.stride_tricks.sliding_window_view(reached, HISTORY_HOURS, axis=1)[:, :-1, baseline], axis=2)
-        limit_s = np.where(judged, np.maximum.reduce([np.full(shape, float(self.min_sends)), self.factor * low_s,
-                                                      np.ones(shape)]), np.inf)[row, column] * per_window
-        limit_r = np.where(judged, np.maximum.reduce([np.full(shape, float(self.min_recipients)),
-                                                      self.factor * low_r, np.ones(shape)]), np.inf)[row, column]
-        limit_r = limit_r * per_window
         # The trailing window at an event lies in its bucket and the one before.
         bucket = table["bucket"].to_numpy()
         adjacent = np.r_[False, (row[1:] == row[:-1]) & (np.diff(bucket) == width)]
-        pair_s = table["sends"].to_numpy() + np.where(adjacent, np.r_[0.0, table["sends"].to_numpy()[:-1]], 0.0)
-        pair_r = table["recipients"].to_numpy() + np.where(
-            adjacent, np.r_[0.0, table["recipients"].to_numpy()[:-1]], 0.0)
-        hot = (pair_s >= limit_s) | (pair_r >= limit_r)
+
+        def over(name: str, floor: float) -> np.ndarray:
+            """Rows whose two-bucket sum reaches a lower bound of the key's limit for `name`."""
+            per_hour = counts[name]
+            # The median's lower bound ignores the first hour: it may begin before the frame does.
+            per_hour[:, HISTORY_HOURS] = 0.0
+            low = np.zeros(shape)
+            low[:, HISTORY_HOURS:] = np.median(
+                np.lib.stride_tricks.sliding_window_view(per_hour, HISTORY_HOURS, axis=1)[:, :-1, baseline], axis=2)
+            limit = np.where(judged, np.maximum.reduce([np.full(shape, float(floor)), self.factor * low,
+                                                        np.ones(shape)]), np.inf)[row, column] * per_window
+            values = table[name].to_numpy()
+            return values + np.where(adjacent, np.r_[0.0, values[:-1]], 0.0) >= limit
+
+        hot = over("sends", self.min_sends) | over("recipients", self.min_recipients)
         return set(keys[np.unique(row[hot])])
 
     def detect(self, events: pd.DataFrame, now: datetime) -> list[Alert]:
