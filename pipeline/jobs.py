@@ -926,7 +926,7 @@ def _step_table(
         tables[name] = cached
     computed_from, _, whole = cached
     width = whole.attrs["bucket_seconds"]
-    lo, hi = _epoch_seconds(since), _epoch_seconds(until)
+    lo, hi = _epoch_us(since) / 1e6, _epoch_us(until) / 1e6
     bucket = whole["bucket"].to_numpy()
     table = whole[(bucket + width > lo) & (bucket <= hi)]
     table.attrs = dict(whole.attrs)
@@ -935,8 +935,9 @@ def _step_table(
     return table
 
 
-def _epoch_seconds(at: datetime) -> float:
-    return (_utc(at) - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()
+def _epoch_us(at: datetime) -> int:
+    """Whole microseconds since the epoch (how the detectors' frames hold times)."""
+    return (_utc(at) - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
 
 
 def _candidate_frames(
@@ -1018,7 +1019,7 @@ def _first_event_us(store: Store, since: datetime, until: datetime, allowlist: A
                 keep = ~np.asarray(allowlist.event_mask(typed), dtype=bool)
             if keep.any():
                 first = _aware(frame["ts"].iloc[int(np.flatnonzero(keep)[0])])
-                return (first - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+                return _epoch_us(first)
             offset += batch
             batch = min(batch * 10, 100_000)
 
@@ -1121,9 +1122,7 @@ def merge_with_stored(store: Store, found: list[Alert]) -> list[Alert]:
 
 
 def _position(stamps: Any, at: datetime, side: str) -> int:
-    import numpy as np
-
-    at_us = (_utc(at) - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    at_us = _epoch_us(at)
     return int(np.searchsorted(stamps, at_us, side))
 
 
