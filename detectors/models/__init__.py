@@ -26,6 +26,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Collection
+from abc import abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
@@ -219,16 +220,18 @@ class IsolationForestDetector(Detector):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed: expected a whole number, got {self.seed!r}")
 
-    # -- hooks for the subclasses ---------------------------------------------------------------
+    # -- hooks for the subclasses (iforest_ip, iforest_key) ----------------------------------------
+    @abstractmethod
     def windows(self, events: pd.DataFrame, times: np.ndarray) -> Windows:
-        raise NotImplementedError
+        """The per-entity, per-bucket feature table the forest scores."""
 
+    @abstractmethod
     def entity(self, label: str) -> tuple[EntityKind, str]:
-        raise NotImplementedError
+        """The alert's entity kind and value for a window's entity label."""
 
+    @abstractmethod
     def what(self, kind: EntityKind, entity: str) -> str:
         """How the title names the entity, e.g. "IP 203.0.113.9"."""
-        raise NotImplementedError
 
     def extra_evidence(self, members: pd.DataFrame) -> dict[str, Any]:
         """Triage details from the episode's events (top paths, addresses…)."""
